@@ -1,0 +1,26 @@
+# One command per job; each sets up ./.venv first (idempotent). See README.md.
+.PHONY: setup run test lint quality-benchmark index-benchmark
+
+setup:
+	bash scripts/setup.sh
+
+## run: set up, train on the default (synthetic) data, evaluate, write the model artifact
+run: setup
+	.venv/bin/twotower train --artifacts artifacts
+
+## test: set up, lint, type-check and run the test suite
+test: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+	.venv/bin/python -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+
+quality-benchmark: setup
+	.venv/bin/python -m benchmarks.quality --data ../shared/data/ml-100k --seeds 0,1,2
+
+index-benchmark: setup
+	.venv/bin/python -m benchmarks.index --items 100000,1000000 --dim 64

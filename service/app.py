@@ -1,0 +1,98 @@
+"""`create_app()`: the FastAPI application, its lifespan and the one error handler.
+
+Lifespan: start the store (the embedded Redis too, when no URL is configured) -> load the active model/index
+pair -> watch for new ones (Redis pub/sub + polling the ACTIVE_INDEX file) -> on shutdown stop watching and
+close the store. A missing or refused pair does not stop start-up: /readyz answers 503 until one loads.
+
+Run it with `twotower serve` (uvicorn, `service.app:create_app` as a factory) or `python -m service`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.deps import Services
+from service.errors import ServiceError, error_body, status_for
+from service.metrics import Metrics, MetricsMiddleware
+from service.retriever import Retriever
+from service.routes import admin, router
+from service.schemas import Limits
+from service.settings import Settings
+from service.store import FeatureStore
+from service.watcher import IndexWatcher
+from training.index import set_threads
+
+log = logging.getLogger(__name__)
+
+
+def build_services(settings: Settings) -> Services:
+    """The service objects of one app, all cheap to construct; nothing starts until the lifespan runs."""
+    metrics = Metrics()
+    retriever = Retriever(settings.artifacts)
+    store = FeatureStore(
+        settings.redis_url,
+        data_dir=settings.data_dir,
+        prefix=settings.redis_prefix,
+        max_history=settings.max_history,
+        timeout=settings.redis_timeout,
+        on_error=lambda operation: metrics.store_errors.labels(operation).inc(),
+    )
+    return Services(
+        settings=settings,
+        limits=Limits(
+            max_k=settings.max_k,
+            max_history=settings.max_history,
+            max_exclude=settings.max_exclude,
+            max_batch=settings.max_batch,
+            max_events=settings.max_events,
+        ),
+        retriever=retriever,
+        store=store,
+        watcher=IndexWatcher(retriever, store, metrics, settings.poll_seconds),
+        metrics=metrics,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application. `settings` default to the `TWOTOWER_*` environment, read here, once."""
+    settings = settings if settings is not None else Settings()
+    services = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Concurrency comes from serving many requests at once; intra-op threads per request would oversubscribe.
+        torch.set_num_threads(settings.threads)
+        set_threads(settings.threads)
+        await services.store.start()
+        try:
+            await services.watcher.start()
+            try:
+                yield
+            finally:
+                await services.watcher.stop()
+        finally:
+            await services.store.close()
+
+    app = FastAPI(
+        title="twotower",
+        summary="Two-tower recommendations: user tower + FAISS inner-product index, Redis online state.",
+        version="1",
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.services = services
+    app.add_middleware(MetricsMiddleware, metrics=services.metrics)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=status_for(exc), headers=exc.headers)
+
+    app.include_router(router)
+    app.include_router(admin, include_in_schema=settings.admin_enabled)
+    return app

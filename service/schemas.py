@@ -1,0 +1,213 @@
+"""Request and response bodies of the HTTP API (pydantic), and the configurable limits checked on top of them.
+
+Families: `RecommendRequest / RecommendResponse / ScoredItem`, `BatchRecommendRequest / BatchRecommendResponse`,
+`Event / EventsRequest / EventsAccepted`, `SimilarItemsResponse`, `Readiness`, `PinRequest / SwapResponse`.
+
+Static rules (types, id lengths, k >= 1, unknown fields refused) live in the models, so they appear in the
+OpenAPI schema. The limits an operator configures (`TWOTOWER_MAX_K`, `..._MAX_HISTORY`, ...) are checked by
+`Limits.errors()` right after parsing and answered with the same 422 body pydantic produces, naming the field,
+so one model class serves every configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from service.retriever import VERSION_PATTERN, RecommendationPath
+
+MAX_ID_LENGTH = 256
+MAX_NAME_LENGTH = 64
+MAX_VALUE_LENGTH = 1024
+MAX_FEATURES = 64
+MAX_VALUES = 256  # values of one multi-valued feature, or of one filter attribute
+
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH)]
+Text = Annotated[str, StringConstraints(max_length=MAX_VALUE_LENGTH)]
+FeatureValue = Text | int | float | Annotated[list[Text], Field(max_length=MAX_VALUES)] | None
+VersionName = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are refused (422 naming them): a typo such as "exlude" must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(_Strict):
+    """Who to recommend for (any of user_id / features / history; none at all is a cold start) and how."""
+
+    user_id: UserId | None = Field(None, description="known users get their stored features and history")
+    features: dict[Name, FeatureValue] = Field(
+        default_factory=dict,
+        max_length=MAX_FEATURES,
+        description="raw user features; override stored ones. Unknown values are fine (cold start)",
+    )
+    history: list[ItemId] = Field(
+        default_factory=list,
+        description="recent item ids, newest first, put before the stored history (at most TWOTOWER_MAX_HISTORY)",
+    )
+    k: int = Field(10, ge=1, description="items to return (at most TWOTOWER_MAX_K)")
+    exclude_seen: bool = Field(True, description="leave out items in the user's (stored + given) history")
+    exclude: list[ItemId] = Field(default_factory=list, description="item ids never to return")
+    filter: dict[Name, Annotated[list[Text], Field(min_length=1, max_length=MAX_VALUES)]] | None = Field(
+        None,
+        max_length=16,
+        description='item attribute -> accepted values, e.g. {"genres": ["Comedy"]}: an item must match at least '
+        "one value of every attribute given",
+        examples=[{"genres": ["g1", "g2"]}],
+    )
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float = Field(description="dot(user vector, item vector): the model's score")
+
+
+class RecommendResponse(BaseModel):
+    user_id: str | None
+    items: list[ScoredItem]
+    model_version: str
+    index_version: str
+    path: RecommendationPath = Field(description="known_user, features_only or cold_start")
+    degraded: bool = Field(description="true when the store was unreachable and only request data was used")
+    exact_fallback: bool = Field(description="true when filters needed an exact search to fill k")
+
+
+class BatchRecommendRequest(_Strict):
+    requests: list[RecommendRequest] = Field(min_length=1, description="at most TWOTOWER_MAX_BATCH")
+
+
+class BatchRecommendResponse(BaseModel):
+    responses: list[RecommendResponse] = Field(description="one per request, in the same order")
+
+
+class Event(_Strict):
+    user_id: UserId
+    item_id: ItemId
+    timestamp: float | None = Field(None, description="unix seconds; orders events within one call (none = now)")
+
+
+class EventsRequest(_Strict):
+    """One event (`user_id`, `item_id`, `timestamp`) or many (`events`)."""
+
+    user_id: UserId | None = None
+    item_id: ItemId | None = None
+    timestamp: float | None = None
+    events: list[Event] | None = Field(None, min_length=1, description="at most TWOTOWER_MAX_EVENTS")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> EventsRequest:
+        single = self.user_id is not None or self.item_id is not None or self.timestamp is not None
+        if self.events is not None and single:
+            raise ValueError("give either user_id + item_id (+ timestamp) or events, not both")
+        if self.events is None and (self.user_id is None or self.item_id is None):
+            missing = "user_id" if self.user_id is None else "item_id"
+            raise ValueError(f"{missing} is required (or give a list of events)")
+        return self
+
+    def as_events(self) -> list[Event]:
+        """The events, oldest first (those without a timestamp count as now, in the order given)."""
+        if self.events is None:
+            assert self.user_id is not None and self.item_id is not None
+            return [Event(user_id=self.user_id, item_id=self.item_id, timestamp=self.timestamp)]
+        return sorted(self.events, key=lambda e: float("inf") if e.timestamp is None else e.timestamp)
+
+
+class EventsAccepted(BaseModel):
+    accepted: int = Field(description="events written to the store (all of them, or the call fails)")
+
+
+class SimilarItemsResponse(BaseModel):
+    item_id: str
+    items: list[ScoredItem]
+    model_version: str
+    index_version: str
+
+
+class StoreStatus(BaseModel):
+    status: Literal["ok", "degraded"]
+    backend: Literal["embedded", "external"]
+    error: str | None = None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    degraded: bool = Field(description="serving, but without the store (request data only)")
+    model_version: str | None = None
+    index_version: str | None = None
+    items: int | None = None
+    index_recipe: str | None = None
+    pinned: str | None = None
+    store: StoreStatus
+    last_swap_error: str | None = None
+
+
+class PinRequest(_Strict):
+    index_version: VersionName
+
+
+class SwapResponse(BaseModel):
+    model_version: str
+    index_version: str
+    changed: bool
+    pinned: str | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The configurable bounds, checked after parsing; `errors()` returns pydantic-shaped 422 entries."""
+
+    max_k: int
+    max_history: int
+    max_exclude: int
+    max_batch: int
+    max_events: int
+
+    def k_errors(self, k: int, loc: tuple[str | int, ...]) -> list[dict[str, Any]]:
+        return _at_most(loc, k, self.max_k)
+
+    def errors(self, body: BaseModel, loc: tuple[str | int, ...] = ("body",)) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if isinstance(body, RecommendRequest):
+            out += self.k_errors(body.k, (*loc, "k"))
+            out += _too_long((*loc, "history"), body.history, self.max_history)
+            out += _too_long((*loc, "exclude"), body.exclude, self.max_exclude)
+        elif isinstance(body, BatchRecommendRequest):
+            out += _too_long((*loc, "requests"), body.requests, self.max_batch)
+            for i, request in enumerate(body.requests):
+                out += self.errors(request, (*loc, "requests", i))
+        elif isinstance(body, EventsRequest) and body.events is not None:
+            out += _too_long((*loc, "events"), body.events, self.max_events)
+        return out
+
+
+def _at_most(loc: tuple[str | int, ...], value: int, limit: int) -> list[dict[str, Any]]:
+    if value <= limit:
+        return []
+    return [
+        {
+            "type": "less_than_equal",
+            "loc": loc,
+            "msg": f"Input should be less than or equal to {limit}",
+            "input": value,
+            "ctx": {"le": limit},
+        }
+    ]
+
+
+def _too_long(loc: tuple[str | int, ...], value: list[Any], limit: int) -> list[dict[str, Any]]:
+    if len(value) <= limit:
+        return []
+    return [
+        {
+            "type": "too_long",
+            "loc": loc,
+            "msg": f"List should have at most {limit} items after validation, not {len(value)}",
+            "input": f"<list of {len(value)} items>",
+            "ctx": {"field_type": "List", "max_length": limit, "actual_length": len(value)},
+        }
+    ]

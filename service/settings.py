@@ -1,0 +1,81 @@
+"""Service configuration: one `Settings` object read from `TWOTOWER_*` environment variables.
+
+Built once per app by `service.app.create_app()` (never at import time), so tests and embedders pass their
+own; the `twotower serve` / `load-features` commands build it from flags and the environment.
+
+| variable                     | default     | meaning                                                        |
+|------------------------------|-------------|----------------------------------------------------------------|
+| TWOTOWER_ARTIFACTS           | artifacts   | artifacts root (models/, indexes/, ACTIVE_INDEX)               |
+| TWOTOWER_DATA_DIR            | data        | where the embedded Redis persists (data/redis/)                |
+| TWOTOWER_REDIS_URL           | (unset)     | external Redis (redis://, rediss://, unix://); unset: embedded |
+| TWOTOWER_REDIS_PREFIX        | twotower:   | prefix of every Redis key and channel                          |
+| TWOTOWER_REDIS_TIMEOUT       | 0.5         | seconds before a Redis call counts as failed                   |
+| TWOTOWER_ADMIN_TOKEN         | (unset)     | bearer token of /v1/admin/*; unset: admin API disabled (404)   |
+| TWOTOWER_MAX_K               | 1000        | largest k a request may ask for                                |
+| TWOTOWER_MAX_HISTORY         | 200         | longest request history; stored histories are capped to it    |
+| TWOTOWER_MAX_EXCLUDE         | 1000        | most ids in a request's `exclude`                              |
+| TWOTOWER_MAX_BATCH           | 64          | most requests in one batch call                                |
+| TWOTOWER_MAX_EVENTS          | 1000        | most events in one /v1/events call                             |
+| TWOTOWER_MAX_BODY_BYTES      | 1048576     | largest request body (413 beyond)                              |
+| TWOTOWER_POLL_SECONDS        | 2.0         | ACTIVE_INDEX poll period (fallback to pub/sub); 0 disables     |
+| TWOTOWER_THREADS             | 1           | torch/FAISS threads per process (concurrency comes from requests) |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_ADMIN_TOKEN_LENGTH = 16
+
+
+class Settings(BaseSettings):
+    """Typed service settings; validators refuse values that would be unsafe or could never work."""
+
+    model_config = SettingsConfigDict(env_prefix="TWOTOWER_", extra="ignore", frozen=True)
+
+    artifacts: Path = Field(default=Path("artifacts"), description="artifacts root (models/, indexes/, ACTIVE_INDEX)")
+    data_dir: Path = Field(default=Path("data"), description="embedded Redis persists under <data_dir>/redis")
+    redis_url: str | None = Field(default=None, description="external Redis URL; unset = embedded Redis")
+    redis_prefix: str = Field(default="twotower:", max_length=64, description="prefix of every Redis key and channel")
+    redis_timeout: float = Field(default=0.5, gt=0, le=30, description="seconds before a Redis call counts as failed")
+    admin_token: SecretStr | None = Field(default=None, description="bearer token for /v1/admin/*; unset disables it")
+    max_k: int = Field(default=1000, ge=1, le=100_000)
+    max_history: int = Field(default=200, ge=1, le=100_000)
+    max_exclude: int = Field(default=1000, ge=0, le=1_000_000)
+    max_batch: int = Field(default=64, ge=1, le=10_000)
+    max_events: int = Field(default=1000, ge=1, le=1_000_000)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    poll_seconds: float = Field(default=2.0, ge=0, description="ACTIVE_INDEX poll period; 0 disables polling")
+    threads: int = Field(default=1, ge=1, le=256, description="torch and FAISS threads")
+
+    @field_validator("redis_url", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # Compose files often pass `VAR=${VAR:-}`: an empty string means "not configured", not "empty token".
+        return None if isinstance(value, str) and value.strip() == "" else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError(f"TWOTOWER_REDIS_URL must start with redis://, rediss:// or unix://, got {value!r}")
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_ADMIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"TWOTOWER_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters; generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`, or leave it unset to disable admin"
+            )
+        return value
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self.admin_token is not None

@@ -1,0 +1,91 @@
+"""The retriever as a plain class (no HTTP, no Redis): lifecycle, pairing checks, filters and exact fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.errors import NotReadyError
+from service.retriever import Retriever, UserQuery
+from tests.test_service_support import brute_force, copy_model, derived_model, publish_index, serving_root
+from training.artifacts import ArtifactError, ArtifactStore, LoadedModel, VersionMismatchError
+
+
+def test_retriever_is_cheap_to_build_and_not_ready_until_loaded(tmp_path: Path) -> None:
+    retriever = Retriever(tmp_path)
+    assert not retriever.ready
+    with pytest.raises(NotReadyError, match="no model/index pair is loaded"):
+        retriever.recommend([UserQuery()])
+    with pytest.raises(NotReadyError, match="twotower reindex"):
+        retriever.load()
+
+
+def test_load_pairs_the_active_index_with_the_model_it_names(trained_model: LoadedModel, tmp_path: Path) -> None:
+    model_version, index_version = serving_root(trained_model, tmp_path)
+    pair = Retriever(tmp_path).load()
+    assert (pair.model_version, pair.index_version) == (model_version, index_version)
+    assert len(pair.index) == trained_model.manifest["item_count"]
+
+
+def test_a_failed_load_keeps_the_previous_pair_serving(trained_model: LoadedModel, tmp_path: Path) -> None:
+    model_version, _ = serving_root(trained_model, tmp_path)
+    retriever = Retriever(tmp_path)
+    before = retriever.load()
+    broken = publish_index(tmp_path, model_version, activate=False)
+    index_file = ArtifactStore(tmp_path).index_dir(broken) / "index.faiss"
+    data = bytearray(index_file.read_bytes())
+    data[-8] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="corrupted"):
+        retriever.load(broken)
+    assert retriever.pair is before
+    assert retriever.recommend([UserQuery(k=3)])[0].index_version == before.index_version
+
+
+def test_an_index_whose_model_directory_holds_another_version_is_refused_naming_both(
+    trained_model: LoadedModel, tmp_path: Path
+) -> None:
+    copy_model(trained_model, tmp_path)
+    # A copy of the model under another name: its manifest still says which training run it is.
+    renamed = ArtifactStore(tmp_path).model_dir("renamed-model")
+    ArtifactStore(tmp_path).models.joinpath(trained_model.version).rename(renamed)
+    index_version = publish_index(tmp_path, "renamed-model")
+    with pytest.raises(VersionMismatchError) as info:
+        Retriever(tmp_path).load()
+    assert "renamed-model" in str(info.value)
+    assert trained_model.version in str(info.value)
+    assert index_version in str(info.value)
+
+
+def test_an_index_of_vectors_from_another_item_tower_is_refused(trained_model: LoadedModel, tmp_path: Path) -> None:
+    copy_model(trained_model, tmp_path)
+    other = derived_model(trained_model, tmp_path, seed=1)
+    _, vectors = trained_model.item_embeddings()
+    publish_index(tmp_path, other, vectors=vectors)  # manifest says `other`, vectors are the first model's
+    with pytest.raises(VersionMismatchError, match="item vectors differ"):
+        Retriever(tmp_path).load()
+
+
+def test_a_filter_the_over_fetch_cannot_fill_falls_back_to_exact_search_over_matching_items(
+    trained_model: LoadedModel, tmp_path: Path
+) -> None:
+    serving_root(trained_model, tmp_path)
+    # A small fetch budget makes over-fetching fall short, as a selective filter does on a large catalog.
+    retriever = Retriever(tmp_path, max_fetch=12)
+    retriever.load()
+    users, catalog = trained_model.users(), trained_model.catalog()
+    user_id = str(users.index[5])
+    history = [str(i) for i in users.loc[user_id, "history"]]
+    features = {"segment": users.loc[user_id, "segment"], "region": users.loc[user_id, "region"]}
+    genres = sorted({g for values in catalog["genres"] for g in values})
+    queries = [UserQuery(user_id, features, history, k=10, filter={"genres": {g}}, stored=True) for g in genres]
+    results = retriever.recommend(queries)
+    assert any(r.exact_fallback for r in results)
+    for genre, result in zip(genres, results, strict=True):
+        allowed = {str(i) for i, values in catalog["genres"].items() if genre in list(values)}
+        expected = brute_force(
+            trained_model, user_id=user_id, features=features, history=history, k=10, exclude=history, allowed=allowed
+        )
+        assert result.item_ids == [item for item, _ in expected]
+        assert result.scores == pytest.approx([score for _, score in expected], rel=1e-4, abs=1e-5)

@@ -1,0 +1,121 @@
+"""The Redis store on real servers: histories, bulk loading, the embedded server's lifecycle and outages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from service.errors import StoreUnavailableError
+from service.store import EmbeddedRedis, FeatureStore, StoredUser, _pid_alive, free_port
+from tests.test_service_support import redis_server
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_server(tmp_path_factory.mktemp("store-redis")) as server:
+        yield server.url
+
+
+def test_histories_are_newest_first_unique_and_capped(redis_url: str, tmp_path: Path) -> None:
+    async def go() -> list[str]:
+        store = FeatureStore(redis_url, data_dir=tmp_path, prefix="cap:", max_history=3)
+        await store.start()
+        try:
+            await store.record_events([("u1", "a"), ("u1", "b"), ("u1", "c")])
+            await store.record_events([("u1", "a"), ("u1", "d"), ("u2", "x")])
+            return (await store.get_users(["u1", "u2", "nobody"]))["u1"].history
+        finally:
+            await store.close()
+
+    assert asyncio.run(go()) == ["d", "a", "c"]
+
+
+def test_bulk_load_writes_features_and_histories_and_replaces_old_ones(redis_url: str, tmp_path: Path) -> None:
+    users = pd.DataFrame(
+        {
+            "age": [31, None],
+            "segment": ["s1", "s2"],
+            "tags": [["x", "y"], []],
+            "history": [["i3", "i2", "i1"], []],
+        },
+        index=pd.Index(["u1", "u2"], name="user_id"),
+    )
+    progress: list[int] = []
+
+    async def go() -> tuple[int, StoredUser, StoredUser]:
+        store = FeatureStore(redis_url, data_dir=tmp_path, prefix="bulk:")
+        await store.start()
+        try:
+            await store.record_events([("u1", "stale")])
+            written = await store.load_users(users, chunk=1, on_progress=progress.append)
+            stored = await store.get_users(["u1", "u2"])
+            return written, stored["u1"], stored["u2"]
+        finally:
+            await store.close()
+
+    written, u1, u2 = asyncio.run(go())
+    assert written == 2
+    assert progress == [1, 1]
+    assert u1.features == {"age": 31.0, "segment": "s1", "tags": ["x", "y"]}
+    assert u1.history == ["i3", "i2", "i1"]
+    assert u2.features == {"segment": "s2"}
+    assert u2.history == []
+
+
+def test_an_unreachable_store_starts_degraded_refuses_calls_and_never_hangs(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = FeatureStore(f"redis://127.0.0.1:{free_port()}/0", data_dir=tmp_path, timeout=0.2)
+        await store.start()  # does not raise: the service starts and serves without its store
+        try:
+            assert store.health.status == "degraded"
+            with pytest.raises(StoreUnavailableError, match="Redis is unreachable"):
+                await store.get_users(["u1"])
+            with pytest.raises(StoreUnavailableError):
+                await store.record_events([("u1", "i1")])
+            assert not await store.ping()
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_embedded_redis_is_started_owned_stopped_and_persists(tmp_path: Path) -> None:
+    async def write() -> int | None:
+        store = FeatureStore(None, data_dir=tmp_path, prefix="emb:")
+        await store.start()
+        assert store.health.status == "ok" and store.backend == "embedded"
+        await store.record_events([("u1", "i1"), ("u1", "i2")])
+        assert store.embedded is not None
+        pid = store.embedded.pid
+        await store.close()
+        return pid
+
+    async def read() -> list[str]:
+        store = FeatureStore(None, data_dir=tmp_path, prefix="emb:")
+        await store.start()
+        try:
+            return (await store.get_users(["u1"]))["u1"].history
+        finally:
+            await store.close()
+
+    pid = asyncio.run(write())
+    assert pid is not None and not _pid_alive(pid)  # stopped with the store
+    assert (tmp_path / "redis").is_dir()
+    assert asyncio.run(read()) == ["i2", "i1"]  # persisted under the data dir
+
+
+def test_a_second_embedded_redis_on_the_same_dir_attaches_and_leaves_it_running(tmp_path: Path) -> None:
+    first = EmbeddedRedis(tmp_path)
+    url = first.start()
+    try:
+        second = EmbeddedRedis(tmp_path)
+        assert second.start() == url
+        assert not second.owned
+        second.stop()
+        assert first.pid is not None and _pid_alive(first.pid)
+    finally:
+        first.stop()

@@ -1,0 +1,353 @@
+"""The training loop: vocabularies from the training split, examples without target leakage, early stopping
+on a validation slice carved from the training rows, curves, and the model artifact.
+
+Read top to bottom: `TrainConfig` -> `TrainingData` (encoded once) -> `fit` (epochs, early stopping) ->
+`train_and_save` (the `twotower train` entry point: split, fit, evaluate, write the artifact).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from training.artifacts import ArtifactStore, save_model, write_json
+from training.data import Dataset, split_random
+from training.evaluate import Protocol, RankingMetrics
+from training.features import (
+    EncodedItems,
+    EncodedUsers,
+    Vocabularies,
+    build_vocabularies,
+    encode_items,
+    encode_users,
+)
+from training.losses import LossName, NegativeSampler, bpr_loss, softmax_loss, triplet_loss
+from training.model import TowerConfig, TwoTower, embed_items, embed_users
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    loss: LossName = "softmax"
+    epochs: int = 100
+    batch_size: int = 64  # users per batch; each brings all of its held-out positives
+    eval_every: int = 2  # epochs between validation passes
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    temperature: float = 0.05  # softmax
+    margin: float = 0.3  # triplet
+    negatives: Literal["uniform", "popularity"] = "uniform"  # triplet, bpr
+    logq: bool = True  # softmax: logQ correction
+    history_keep: float = 0.5  # fraction of a user's items shown as history; the rest are the batch's positives
+    id_dropout: float = 0.1  # chance an example's user/item id is replaced by "unknown" (trains cold start)
+    val_fraction: float = 0.1
+    patience: int = 4
+    seed: int = 0
+    max_seconds: float | None = None
+    tower: TowerConfig = field(default_factory=TowerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tower": self.tower.to_dict()}
+
+
+def histories(rows: pd.DataFrame) -> dict[str, list[str]]:
+    """Each user's items, newest first (the order the service keeps in Redis)."""
+    ordered = rows.sort_values("timestamp", ascending=False, kind="stable")
+    return {str(user): list(items) for user, items in ordered.groupby("user_id", sort=False).item_id}
+
+
+def encode_catalog(model_or_vocabs: TwoTower | Vocabularies, dataset: Dataset) -> EncodedItems:
+    vocabs = model_or_vocabs.vocabs if isinstance(model_or_vocabs, TwoTower) else model_or_vocabs
+    items = dataset.items
+    return encode_items(
+        dataset.spec,
+        vocabs,
+        list(items.index),
+        {f.name: items[f.name].tolist() for f in dataset.spec.item_features if f.name in items},
+    )
+
+
+def encode_user_rows(
+    vocabs: Vocabularies, dataset: Dataset, users: list[str], history_rows: pd.DataFrame
+) -> EncodedUsers:
+    """Encode `users` with their features from the dataset and their history from `history_rows`."""
+    table = dataset.users.reindex(users)
+    hist = histories(history_rows)
+    return encode_users(
+        dataset.spec,
+        vocabs,
+        users,
+        {f.name: table[f.name].tolist() for f in dataset.spec.user_features if f.name in table},
+        [hist.get(u, []) for u in users],
+    )
+
+
+class TrainingData:
+    """The fit rows prepared once: vocabularies, the encoded catalog, and each user's items and raw features."""
+
+    def __init__(self, dataset: Dataset, fit: pd.DataFrame) -> None:
+        self.dataset = dataset
+        spec = dataset.spec
+        fit_users = sorted(set(fit.user_id))
+        fit_items = sorted(set(fit.item_id))
+        user_rows = dataset.users.reindex(fit_users)
+        item_rows = dataset.items.reindex(fit_items)
+        # Vocabularies from the training split only: no popularity or id leaks from held-out rows.
+        self.vocabs = build_vocabularies(
+            spec,
+            fit_users,
+            fit_items,
+            {f.name: user_rows[f.name].tolist() for f in spec.user_features if f.name in user_rows},
+            {f.name: item_rows[f.name].tolist() for f in spec.item_features if f.name in item_rows},
+        )
+        self.catalog_ids = np.array(dataset.items.index, dtype=object)
+        self.items = encode_catalog(self.vocabs, dataset)
+        self.user_ids = fit_users
+        self.user_features = {f.name: user_rows[f.name].tolist() for f in spec.user_features if f.name in user_rows}
+        item_pos = {item: i for i, item in enumerate(self.catalog_ids)}
+        hist = histories(fit)
+        # Catalog positions of each user's items, newest first (the order histories are kept in).
+        self.user_items = [np.array([item_pos[i] for i in hist[u]], dtype=np.int64) for u in fit_users]
+        self.item_counts = np.bincount(fit.item_id.map(item_pos), minlength=len(self.catalog_ids)).astype(np.float64)
+        self.rows = len(fit)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+@dataclass
+class Batch:
+    """One training batch: U users, and T positives each owned by one of them."""
+
+    users: EncodedUsers  # U users, histories without their targets
+    positives: np.ndarray  # (T,) catalog positions
+    owner: np.ndarray  # (T,) row in `users` whose positive each one is
+
+
+class Trainer:
+    """Builds leak-free batches and applies the configured loss.
+
+    A batch is a set of users. Each user's items are split at random: a `history_keep` fraction becomes the
+    history the user tower sees, the rest are that user's positives. So no example's history contains its own
+    target (DESIGN §6), the model learns to predict items from the user's other items exactly as it must at
+    serving time, and one user-tower forward serves all of the user's positives in the batch."""
+
+    def __init__(self, model: TwoTower, data: TrainingData, config: TrainConfig) -> None:
+        self.model, self.data, self.config = model, data, config
+        self.rng = np.random.default_rng(config.seed)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        counts = data.item_counts
+        self.log_q = torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum()).astype(np.float32))
+        self.sampler = NegativeSampler(counts, config.negatives, seed=config.seed)
+        self.max_history = model.spec.max_history
+
+    def batch(self, users: np.ndarray) -> Batch:
+        config, data = self.config, self.data
+        histories_: list[list[str]] = []
+        positives: list[np.ndarray] = []
+        owner: list[np.ndarray] = []
+        for row, user in enumerate(users):
+            items = data.user_items[user]
+            keep = self.rng.random(len(items)) < config.history_keep
+            if keep.all():  # every user contributes at least one positive
+                keep[self.rng.integers(len(items))] = False
+            histories_.append(list(data.catalog_ids[items[keep][: self.max_history]]))
+            positives.append(items[~keep])
+            owner.append(np.full((~keep).sum(), row, dtype=np.int64))
+        # Ids are dropped to "unknown" at random so the unknown embedding learns what a cold user looks like.
+        ids = [data.user_ids[u] if self.rng.random() >= config.id_dropout else None for u in users]
+        encoded = encode_users(
+            self.model.spec,
+            data.vocabs,
+            ids,
+            {k: [v[u] for u in users] for k, v in data.user_features.items()},
+            histories_,
+        )
+        return Batch(encoded, np.concatenate(positives), np.concatenate(owner))
+
+    def item_batch(self, positions: np.ndarray) -> EncodedItems:
+        items = self.data.items
+        ids = np.where(self.rng.random(len(positions)) >= self.config.id_dropout, items.ids[positions], 0)
+        return EncodedItems(ids, {k: v[positions] for k, v in items.features.items()})
+
+    def step(self, user_rows: np.ndarray) -> float:
+        config, model = self.config, self.model
+        batch = self.batch(user_rows)
+        users = model.users(batch.users)  # (U, D)
+        items = model.items(self.item_batch(batch.positives))  # (T, D)
+        owner = torch.from_numpy(batch.owner)
+        if config.loss == "softmax":
+            # Accidental hits: a column whose item is one of the row's own items (history or positives).
+            accidental = torch.from_numpy(self._owns(user_rows, batch.positives))
+            log_q = self.log_q[torch.from_numpy(batch.positives)] if config.logq else None
+            loss = softmax_loss(users, items, owner, log_q, config.temperature, accidental)
+        else:
+            negatives = model.items(self.item_batch(self.sampler.sample(len(owner)).numpy()))  # (T, D)
+            if config.loss == "bpr":
+                loss = bpr_loss(users[owner], items, negatives)
+            else:
+                loss = triplet_loss(users[owner], items, negatives, config.margin)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def _owns(self, user_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """(U, T) bool: does user row u have item positions[t] among its training items."""
+        owned = np.zeros((len(user_rows), len(positions)), dtype=bool)
+        for row, user in enumerate(user_rows):
+            owned[row] = np.isin(positions, self.data.user_items[user])
+        return owned
+
+
+@dataclass
+class FitResult:
+    model: TwoTower
+    curves: list[dict[str, float]]
+    best_epoch: int
+    seconds: float
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # third-party code may use the global generator
+
+
+def fit(dataset: Dataset, train: pd.DataFrame, config: TrainConfig, progress: bool = True) -> FitResult:
+    """Train on `train` minus a validation slice; keep the epoch with the best validation NDCG@10."""
+    set_seed(config.seed)
+    started = time.perf_counter()
+    fit_rows, val_rows = split_random(train, config.val_fraction, seed=config.seed + 10_000)
+    data = TrainingData(dataset, fit_rows)
+    model = TwoTower(dataset.spec, data.vocabs, config.tower)
+    trainer = Trainer(model, data, config)
+    validation = Protocol(list(data.catalog_ids), fit_rows, val_rows)
+    val_users = encode_user_rows(data.vocabs, dataset, validation.users, fit_rows)
+
+    curves: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, Any]] = (-math.inf, -1, {})
+    steps = math.ceil(len(data) / config.batch_size)
+    bar = tqdm(total=config.epochs * steps, desc=f"train {config.loss}", unit="step", disable=not progress)
+    losses: list[float] = []
+    for epoch in range(config.epochs):
+        model.train()
+        order = trainer.rng.permutation(len(data))
+        for start in range(0, len(data), config.batch_size):
+            losses.append(trainer.step(order[start : start + config.batch_size]))
+            bar.update(1)
+        if (epoch + 1) % config.eval_every and epoch + 1 != config.epochs:
+            continue
+        val = validation.score(embed_users(model, val_users), embed_items(model, data.items))
+        curves.append(
+            {
+                "epoch": epoch + 1,
+                "loss": float(np.mean(losses)),
+                "val_ndcg@10": val.ndcg,
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        losses = []
+        bar.set_postfix(loss=f"{curves[-1]['loss']:.4f}", val_ndcg=f"{val.ndcg:.4f}")
+        if val.ndcg > best[0]:
+            best = (val.ndcg, epoch, copy.deepcopy(model.state_dict()))
+        elif epoch - best[1] >= config.patience * config.eval_every:
+            log.info("early stop at epoch %d: best val NDCG@10 %.4f at epoch %d", epoch + 1, best[0], best[1] + 1)
+            break
+        if config.max_seconds is not None and time.perf_counter() - started > config.max_seconds:
+            log.warning("stopping at epoch %d: max_seconds=%s reached", epoch + 1, config.max_seconds)
+            break
+    bar.close()
+    model.load_state_dict(best[2])
+    model.eval()
+    return FitResult(model, curves, best[1] + 1, time.perf_counter() - started)
+
+
+def evaluate(model: TwoTower, dataset: Dataset, train: pd.DataFrame, test: pd.DataFrame) -> RankingMetrics:
+    """Test metrics (DESIGN §4): users' histories are their training items; those items are excluded."""
+    protocol = Protocol(list(dataset.items.index), train, test)
+    users = encode_user_rows(model.vocabs, dataset, protocol.users, train)
+    return protocol.score(embed_users(model, users), embed_items(model, encode_catalog(model, dataset)))
+
+
+def plot_curves(curves: list[dict[str, float]], path: Path, title: str) -> None:
+    """Training loss and validation NDCG@10 per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [c["epoch"] for c in curves]
+    fig, loss_axis = plt.subplots(figsize=(7, 4))
+    loss_axis.plot(epochs, [c["loss"] for c in curves], color="tab:blue", marker="o", label="training loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("training loss", color="tab:blue")
+    ndcg_axis = loss_axis.twinx()
+    ndcg_axis.plot(epochs, [c["val_ndcg@10"] for c in curves], color="tab:red", marker="s", label="val NDCG@10")
+    ndcg_axis.set_ylabel("validation NDCG@10", color="tab:red")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def users_table(dataset: Dataset, rows: pd.DataFrame) -> pd.DataFrame:
+    """Raw user features plus history (newest first) for every user in `rows`: what load-features serves from."""
+    hist = histories(rows)
+    users = sorted(hist)
+    table = dataset.users.reindex(users).copy()
+    table["history"] = [hist[u] for u in users]
+    return table.rename_axis("user_id")
+
+
+def train_and_save(
+    dataset: Dataset, store: ArtifactStore, config: TrainConfig, holdout: float = 0.2, progress: bool = True
+) -> Path:
+    """Split off `holdout` of the rows as a test set (DESIGN §4), fit on the rest, evaluate on the test set
+    beside the popularity baseline, and publish the model artifact. With holdout=0 every row trains."""
+    started = time.perf_counter()
+    if holdout > 0:
+        train, test = split_random(dataset.interactions, holdout, seed=config.seed)
+    else:
+        train, test = dataset.interactions, dataset.interactions.iloc[:0]
+    result = fit(dataset, train, config, progress=progress)
+    metrics: dict[str, Any] = {
+        "best_epoch": result.best_epoch,
+        "fit_seconds": round(result.seconds, 2),
+        "best_val_ndcg@10": max(c["val_ndcg@10"] for c in result.curves),
+    }
+    if len(test):
+        metrics["test"] = evaluate(result.model, dataset, train, test).as_dict()
+        metrics["test_popularity"] = Protocol(list(dataset.items.index), train, test).popularity(train).as_dict()
+    catalog = encode_catalog(result.model, dataset)
+    model_dir = save_model(
+        store,
+        result.model,
+        catalog=dataset.items,
+        users=users_table(dataset, train),
+        item_embeddings=embed_items(result.model, catalog, progress=progress),
+        training={
+            **config.to_dict(),
+            "dataset": dataset.name,
+            "holdout": holdout,
+            "interactions": len(dataset.interactions),
+            "train_rows": len(train),
+        },
+        metrics=metrics,
+        extra_files={
+            "metrics.json": lambda p: write_json(p, {**metrics, "curves": result.curves}),
+            "curves.png": lambda p: plot_curves(result.curves, p, f"{dataset.name} · {config.loss}"),
+        },
+    )
+    log.info("model %s written in %.1f s: %s", model_dir.name, time.perf_counter() - started, metrics)
+    return model_dir
