@@ -4,9 +4,13 @@
 setup:
 	bash scripts/setup.sh
 
-## run: set up, train on the default (synthetic) data, evaluate, write the model artifact
+## run: set up, train on the default (synthetic) data, build and publish the index, load the training users'
+## features and histories into the embedded Redis, and serve on port 8000 (prints a curl example)
 run: setup
 	.venv/bin/twotower train --artifacts artifacts
+	.venv/bin/twotower reindex --artifacts artifacts
+	.venv/bin/twotower load-features --artifacts artifacts
+	.venv/bin/twotower serve --artifacts artifacts --port 8000
 
 ## test: set up, lint, type-check and run the test suite
 test: setup
