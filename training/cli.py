@@ -1,4 +1,4 @@
-"""`twotower`: the one console command. Subcommands: train, evaluate, reindex (more join as the project grows).
+"""`twotower`: the one console command. Subcommands: train, evaluate, reindex, serve, load-features.
 
 Each subcommand parses its own flags and calls into the module that owns the work; nothing here computes.
 """
@@ -334,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # faiss logs which CPU build it tried at INFO, as tracebacks; only its warnings matter to a user.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
     return int(args.func(args))
 
 
