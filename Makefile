@@ -17,14 +17,19 @@ test: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	.venv/bin/hadolint Dockerfile
 	.venv/bin/python -m pytest -q
 
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+	.venv/bin/hadolint Dockerfile
 
 quality-benchmark: setup
 	.venv/bin/python -m benchmarks.quality --data ../shared/data/ml-100k --seeds 0,1,2
 
 index-benchmark: setup
 	.venv/bin/python -m benchmarks.index --items 100000,1000000 --dim 64
+
+serve-benchmark: setup
+	.venv/bin/python -m benchmarks.serve --items 100000 --workers 1,2 && .venv/bin/python -m benchmarks.serve --items 1000000

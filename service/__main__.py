@@ -27,6 +27,10 @@ def serve(
 
     if artifacts is not None:
         os.environ["TWOTOWER_ARTIFACTS"] = str(artifacts)
+    # Read by OpenBLAS when numpy/FAISS load (the app is imported below): one BLAS thread per process, like
+    # torch and FAISS (TWOTOWER_THREADS); spinning BLAS workers stalled requests on a busy machine.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", os.environ.get("TWOTOWER_THREADS", "1"))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     uvicorn.run(
         "service.app:create_app",
         factory=True,

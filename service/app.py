@@ -9,20 +9,22 @@ Run it with `twotower serve` (uvicorn, `service.app:create_app` as a factory) or
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from service.batcher import MicroBatcher
 from service.deps import Services
 from service.errors import ServiceError, error_body, status_for
 from service.metrics import Metrics, MetricsMiddleware
 from service.retriever import Retriever
-from service.routes import admin, router
-from service.schemas import Limits
+from service.routes import admin, recommend_batched, router
+from service.schemas import Limits, RecommendRequest
 from service.settings import Settings
 from service.store import FeatureStore
 from service.watcher import IndexWatcher
@@ -31,10 +33,21 @@ from training.index import set_threads
 log = logging.getLogger(__name__)
 
 
+def _limit_blas_threads(n: int) -> None:
+    """numpy's (and FAISS's) OpenBLAS start one thread per core; on a busy machine their spinning workers
+    stalled small batched matmuls by milliseconds. `twotower serve` sets OPENBLAS_NUM_THREADS before numpy
+    loads; this covers apps created otherwise, when threadpoolctl is installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(n, user_api="blas")
+
+
 def build_services(settings: Settings) -> Services:
     """The service objects of one app, all cheap to construct; nothing starts until the lifespan runs."""
     metrics = Metrics()
-    retriever = Retriever(settings.artifacts)
+    retriever = Retriever(settings.artifacts, user_tower=settings.user_tower)
     store = FeatureStore(
         settings.redis_url,
         data_dir=settings.data_dir,
@@ -43,7 +56,12 @@ def build_services(settings: Settings) -> Services:
         timeout=settings.redis_timeout,
         on_error=lambda operation: metrics.store_errors.labels(operation).inc(),
     )
-    return Services(
+    services: Services
+
+    async def process(requests: Sequence[RecommendRequest]) -> list[bytes | BaseException]:
+        return await recommend_batched(services, requests)
+
+    services = Services(
         settings=settings,
         limits=Limits(
             max_k=settings.max_k,
@@ -56,7 +74,9 @@ def build_services(settings: Settings) -> Services:
         store=store,
         watcher=IndexWatcher(retriever, store, metrics, settings.poll_seconds),
         metrics=metrics,
+        batcher=MicroBatcher(process, max_batch=settings.batch_max, max_wait=settings.batch_wait_ms / 1000),
     )
+    return services
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -69,9 +89,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Concurrency comes from serving many requests at once; intra-op threads per request would oversubscribe.
         torch.set_num_threads(settings.threads)
         set_threads(settings.threads)
+        _limit_blas_threads(settings.threads)
         await services.store.start()
         try:
             await services.watcher.start()
+            # Everything loaded so far (model, index ids, vocabularies, the framework) lives as long as the
+            # process: moved out of the collector's reach, full collections under load stop scanning it
+            # (they were the tens-of-ms stalls at p99 in benchmarks/serve.py).
+            gc.collect()
+            gc.freeze()
             try:
                 yield
             finally:

@@ -1,7 +1,9 @@
 """FastAPI dependencies as short `Annotated` aliases, so routes read `retriever: RetrieverDep`.
 
 Everything comes from the app's `Services` (built once in `create_app()`); nothing reads the environment per
-request. `require_admin` is the one admin check, attached to the admin router rather than pasted into routes.
+request. The getters are `async def` on purpose: FastAPI runs a plain `def` dependency in the thread pool, and
+that hop (four of them per recommendation) cost more than the tower and the search together. `require_admin`
+is the one admin check, attached to the admin router rather than pasted into routes.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
+from service.batcher import MicroBatcher
 from service.errors import AdminDisabledError, UnauthorizedError
 from service.metrics import Metrics
 from service.retriever import Retriever
@@ -34,10 +37,11 @@ class Services:
     store: FeatureStore
     watcher: IndexWatcher
     metrics: Metrics
+    batcher: MicroBatcher[Any, bytes]  # RecommendRequest -> JSON answer (see routes.recommend_batched)
     started_at: float = field(default_factory=time.monotonic)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -45,23 +49,23 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_settings(services: ServicesDep) -> Settings:
+async def get_settings(services: ServicesDep) -> Settings:
     return services.settings
 
 
-def get_retriever(services: ServicesDep) -> Retriever:
+async def get_retriever(services: ServicesDep) -> Retriever:
     return services.retriever
 
 
-def get_store(services: ServicesDep) -> FeatureStore:
+async def get_store(services: ServicesDep) -> FeatureStore:
     return services.store
 
 
-def get_watcher(services: ServicesDep) -> IndexWatcher:
+async def get_watcher(services: ServicesDep) -> IndexWatcher:
     return services.watcher
 
 
-def get_metrics(services: ServicesDep) -> Metrics:
+async def get_metrics(services: ServicesDep) -> Metrics:
     return services.metrics
 
 

@@ -8,7 +8,8 @@ on the pair they started with while a new pair is swapped in; a load that fails 
 serving.
 
 Request path (`recommend`): the SAME `training.features.encode_users` training used -> one user-tower forward
-for the whole batch -> one index search for the whole batch, over-fetched so that k items survive the filters
+for the whole batch (a numpy copy of the tower's weights built at load, `service.tower`; tested equal to the
+module) -> one index search for the whole batch, over-fetched so that k items survive the filters
 (seen items, explicit excludes, an item-attribute filter) -> for any row the over-fetch could not fill, exact
 search over exactly the items that pass its filters. The scores are the model's: dot(user, item).
 """
@@ -29,8 +30,9 @@ import numpy as np
 import pandas as pd
 
 from service.errors import InvalidInputError, NotReadyError, UnknownItemError
+from service.tower import NumpyUserTower
 from training.artifacts import ArtifactError, ArtifactStore, LoadedModel, VersionMismatchError, load_model
-from training.features import Vocabulary, encode_items, encode_users
+from training.features import EncodedUsers, Vocabulary, encode_items, encode_users
 from training.index import ItemIndex, load_index
 from training.model import embed_items, embed_users
 
@@ -129,6 +131,8 @@ class ServingPair:
     index_manifest: Mapping[str, Any]
     attributes: ItemAttributes
     loaded_at: float
+    # The user tower as served: a numpy copy of the weights (None: the torch module via `embed_users`).
+    user_tower: NumpyUserTower | None = None
 
     @property
     def model_version(self) -> str:
@@ -137,6 +141,12 @@ class ServingPair:
     @property
     def user_feature_names(self) -> list[str]:
         return [f.name for f in self.model.model.spec.user_features]
+
+    def embed_users(self, users: EncodedUsers) -> np.ndarray:
+        """(B, D) user vectors: the numpy tower when built, else the training module."""
+        if self.user_tower is not None:
+            return self.user_tower(users)
+        return embed_users(self.model.model, users)
 
 
 @dataclass(frozen=True)
@@ -177,12 +187,20 @@ class SimilarItems:
 class Retriever:
     """Serves recommendations from one loaded (model, index) pair, swapped atomically on `load()`."""
 
-    def __init__(self, artifacts_root: Path, *, overfetch: float = OVERFETCH, max_fetch: int = MAX_FETCH) -> None:
+    def __init__(
+        self,
+        artifacts_root: Path,
+        *,
+        overfetch: float = OVERFETCH,
+        max_fetch: int = MAX_FETCH,
+        user_tower: Literal["numpy", "torch"] = "numpy",
+    ) -> None:
         if overfetch < 1 or max_fetch < 1:
             raise ValueError(f"need overfetch >= 1 and max_fetch >= 1, got {overfetch} and {max_fetch}")
         self.artifacts = ArtifactStore(Path(artifacts_root))
         self.overfetch = overfetch
         self.max_fetch = max_fetch
+        self.user_tower = user_tower
         self._pair: ServingPair | None = None
         self._load_lock = threading.Lock()  # one load at a time; serving never takes it
 
@@ -252,7 +270,10 @@ class Retriever:
         _check_vectors_match_towers(model, index, items, index_version)
         columns = [f.name for f in model.model.spec.item_features]
         attributes = ItemAttributes.from_frame(items, index.item_ids, columns)
-        return ServingPair(model, index, index_version, manifest, attributes, time.time())
+        index.positions_of([])  # builds the id -> position map now rather than on the first request
+        model.model.eval()  # once, here: serving never trains
+        tower = NumpyUserTower(model.model.user_tower) if self.user_tower == "numpy" else None
+        return ServingPair(model, index, index_version, manifest, attributes, time.time(), tower)
 
     @staticmethod
     def _item_table(index_dir: Path, model: LoadedModel) -> pd.DataFrame:
@@ -295,7 +316,7 @@ class Retriever:
             {name: [q.features.get(name) for q in queries] for name in known_features},
             [list(q.history) for q in queries],
         )
-        vectors = embed_users(model, encoded)  # (B, D)
+        vectors = pair.embed_users(encoded)  # (B, D)
 
         n = len(index)
         plans: list[tuple[set[int], np.ndarray | None, int]] = []  # excluded positions, filter mask, wanted

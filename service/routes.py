@@ -1,14 +1,22 @@
 """HTTP routes (API v1, probes, metrics, admin): thin translations between HTTP and the retriever/store/watcher.
 
 Each route parses (pydantic), checks the configured limits, calls into the service objects and shapes the
-response. CPU work (tower + index) runs in the thread pool so the event loop keeps serving; Redis calls are
-awaited on the loop. Errors are raised as `service.errors` types and mapped to HTTP in one place (app.py).
+response. Errors are raised as `service.errors` types and mapped to HTTP in one place (app.py).
+
+`POST /v1/recommendations` (the hot path, see docs/performance.md): requests without an attribute filter go
+through the app's `MicroBatcher`: concurrent requests share ONE Redis pipeline, ONE user-tower forward and ONE
+index search, run on the event loop (a batch is a few hundred microseconds; a thread-pool hop per request cost
+more than that), and the answer is written as JSON bytes directly (`recommendation_json`), not through a
+pydantic model. Filtered requests (whose exact fallback can scan many items) and the batch endpoint run the
+same retriever in the thread pool so the loop keeps serving.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
+from json.encoder import encode_basestring_ascii
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
@@ -92,12 +100,73 @@ async def _recommend(services: Services, requests: list[RecommendRequest], *, ba
     ]
 
 
-@router.post("/v1/recommendations", tags=["recommendations"])
-async def recommend(body: RecommendRequest, services: ServicesDep) -> RecommendResponse:
+_BOOL = {True: "true", False: "false"}
+
+
+def _json_text(value: str | None) -> str:
+    return "null" if value is None else encode_basestring_ascii(value)
+
+
+def recommendation_json(user_id: str | None, result: Recommendation, degraded: bool) -> bytes:
+    """The JSON of `RecommendResponse` (same fields, same order, same values), written directly: building and
+    serializing the pydantic model cost more than the tower and the search together."""
+    items = ",".join(
+        f'{{"item_id":{encode_basestring_ascii(i)},"score":{float(s)!r}}}'
+        for i, s in zip(result.item_ids, result.scores, strict=True)
+    )
+    return (
+        f'{{"user_id":{_json_text(user_id)},"items":[{items}],'
+        f'"model_version":{encode_basestring_ascii(result.model_version)},'
+        f'"index_version":{encode_basestring_ascii(result.index_version)},"path":"{result.path}",'
+        f'"degraded":{_BOOL[degraded]},"exact_fallback":{_BOOL[result.exact_fallback]}}}'
+    ).encode()
+
+
+async def recommend_batched(services: Services, requests: Sequence[RecommendRequest]) -> list[bytes | BaseException]:
+    """The micro-batcher's `process`: one Redis pipeline, one forward + search (on the loop), JSON bytes per
+    request. A request the model cannot take gets its own 422 error; its batch-mates are answered."""
+    user_ids = [r.user_id for r in requests if r.user_id is not None]
+    degraded = False
+    stored: dict[str, StoredUser] = {}
+    if user_ids:
+        try:
+            stored = await services.store.get_users(user_ids)
+        except StoreUnavailableError:
+            degraded = True
+    max_history = services.settings.max_history
+    queries = [_query(r, stored.get(r.user_id) if r.user_id else None, max_history) for r in requests]
+    retriever = services.retriever
+    results: list[Recommendation | BaseException]
+    try:
+        results = list(retriever.recommend(queries))
+    except InvalidInputError:
+        results = []
+        for query in queries:  # locate the bad request(s): each alone, exactly as an unbatched call would run
+            try:
+                results.append(retriever.recommend([query])[0])
+            except InvalidInputError as e:
+                results.append(InvalidInputError(e.message, ("body", *e.loc[1:]), e.input_value))
+    metrics = services.metrics
+    out: list[bytes | BaseException] = []
+    for request, result in zip(requests, results, strict=True):
+        if isinstance(result, BaseException):
+            out.append(result)
+            continue
+        metrics.recommendations.labels(result.path, str(degraded).lower()).inc()
+        if result.exact_fallback:
+            metrics.exact_fallbacks.inc()
+        out.append(recommendation_json(request.user_id, result, degraded))
+    return out
+
+
+@router.post("/v1/recommendations", tags=["recommendations"], response_model=RecommendResponse)
+async def recommend(body: RecommendRequest, services: ServicesDep) -> Response:
     """Top-k items for one user (known user, features only, or cold start)."""
     check_limits(services, body)
-    [response] = await _recommend(services, [body], batch=False)
-    return response
+    if body.filter:
+        [response] = await _recommend(services, [body], batch=False)
+        return Response(response.model_dump_json(), media_type="application/json")
+    return Response(await services.batcher.submit(body), media_type="application/json")
 
 
 @router.post("/v1/recommendations/batch", tags=["recommendations"])

@@ -19,12 +19,15 @@ own; the `twotower serve` / `load-features` commands build it from flags and the
 | TWOTOWER_MAX_BODY_BYTES      | 1048576     | largest request body (413 beyond)                              |
 | TWOTOWER_POLL_SECONDS        | 2.0         | ACTIVE_INDEX poll period (fallback to pub/sub); 0 disables     |
 | TWOTOWER_THREADS             | 1           | torch/FAISS threads per process (concurrency comes from requests) |
+| TWOTOWER_BATCH_MAX           | 32          | most concurrent recommendation requests served as one batch; 1: none |
+| TWOTOWER_BATCH_WAIT_MS       | 0           | extra wait (ms) for a batch to fill; 0: batch only what is queued |
+| TWOTOWER_USER_TOWER          | numpy       | user tower at serving: numpy copy of the weights, or torch module |
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -52,6 +55,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     poll_seconds: float = Field(default=2.0, ge=0, description="ACTIVE_INDEX poll period; 0 disables polling")
     threads: int = Field(default=1, ge=1, le=256, description="torch and FAISS threads")
+    batch_max: int = Field(default=32, ge=1, le=1024, description="micro-batch size limit; 1 disables batching")
+    batch_wait_ms: float = Field(default=0.0, ge=0, le=100, description="wait for a micro-batch to fill (ms)")
+    user_tower: Literal["numpy", "torch"] = Field(default="numpy", description="serving user tower")
 
     @field_validator("redis_url", "admin_token", mode="before")
     @classmethod

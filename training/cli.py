@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,12 @@ if TYPE_CHECKING:
     from training.data import Dataset
 
 DEFAULT_ARTIFACTS = Path("artifacts")
+ARTIFACTS_HELP = "artifacts root (default: $TWOTOWER_ARTIFACTS or ./artifacts)"
+
+
+def _artifacts(args: argparse.Namespace) -> Path:
+    """--artifacts, else $TWOTOWER_ARTIFACTS, else ./artifacts: one rule for every subcommand."""
+    return args.artifacts or Path(os.environ.get("TWOTOWER_ARTIFACTS", DEFAULT_ARTIFACTS))
 
 
 def _dataset(path: str | None, synthetic_users: int, synthetic_items: int, seed: int) -> Dataset:
@@ -56,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         tower=tower,
     )
     model_dir = train_and_save(
-        dataset, ArtifactStore(args.artifacts), config, holdout=args.holdout, progress=not args.quiet
+        dataset, ArtifactStore(_artifacts(args)), config, holdout=args.holdout, progress=not args.quiet
     )
     metrics = json.loads((model_dir / "metrics.json").read_text())
     metrics.pop("curves", None)
@@ -71,7 +78,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import Protocol
     from training.train import evaluate
 
-    store = ArtifactStore(args.artifacts)
+    store = ArtifactStore(_artifacts(args))
     loaded = load_model(store.model_dir(args.model or store.latest_model()))
     training = loaded.manifest["training"]
     seed = training["seed"] if args.seed is None else args.seed
@@ -93,13 +100,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
-    import os
-
     from training.artifacts import MANIFEST, ArtifactError, ArtifactStore
     from training.index import RecallTargetError
     from training.reindex import CatalogError, reindex
 
-    artifacts = args.artifacts or Path(os.environ.get("TWOTOWER_ARTIFACTS", DEFAULT_ARTIFACTS))
+    artifacts = _artifacts(args)
     store = ArtifactStore(artifacts)
     before = store.active_index()
     try:
@@ -165,11 +170,9 @@ def _example_user(artifacts: Path) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from service.__main__ import serve
 
-    artifacts = args.artifacts or Path(os.environ.get("TWOTOWER_ARTIFACTS", DEFAULT_ARTIFACTS))
+    artifacts = _artifacts(args)
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     body = json.dumps({"user_id": _example_user(artifacts), "k": 5})
     print(f"serving {artifacts} on {base} (API docs: {base}/docs, readiness: {base}/readyz); try:")
@@ -219,9 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train on a dataset (default: synthetic), evaluate, write models/<version>/.",
     )
     _add_data_args(train)
-    train.add_argument(
-        "--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="artifacts root (default: %(default)s)"
-    )
+    train.add_argument("--artifacts", type=Path, default=None, help=ARTIFACTS_HELP)
     train.add_argument(
         "--loss",
         choices=["softmax", "bpr", "triplet"],
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-create the model's split and score it through an exact FAISS IP index.",
     )
     _add_data_args(ev)
-    ev.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="artifacts root (default: %(default)s)")
+    ev.add_argument("--artifacts", type=Path, default=None, help=ARTIFACTS_HELP)
     ev.add_argument("--model", help="model version (default: the newest)")
     ev.add_argument("--seed", type=int, default=None, help="split seed (default: the one the model used)")
     ev.set_defaults(func=cmd_evaluate)
@@ -269,9 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "already active), 1 recall target missed, 2 bad input (catalog, model or recipe); on 1 and 2 nothing "
         "is published and the active index stays.",
     )
-    rx.add_argument(
-        "--artifacts", type=Path, default=None, help="artifacts root (default: $TWOTOWER_ARTIFACTS or ./artifacts)"
-    )
+    rx.add_argument("--artifacts", type=Path, default=None, help=ARTIFACTS_HELP)
     rx.add_argument("--model", help="model version (default: the newest)")
     rx.add_argument(
         "--catalog",
@@ -317,9 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bulk-write (pipelined) the users table of a model artifact into Redis, so a fresh stack "
         "serves known users. Redis: --redis-url, else $TWOTOWER_REDIS_URL, else the embedded one under the data dir.",
     )
-    load.add_argument(
-        "--artifacts", type=Path, default=None, help="artifacts root (default: $TWOTOWER_ARTIFACTS or ./artifacts)"
-    )
+    load.add_argument("--artifacts", type=Path, default=None, help=ARTIFACTS_HELP)
     load.add_argument("--model", help="model version (default: the model of the active index)")
     load.add_argument("--redis-url", default=None, help="Redis URL (default: $TWOTOWER_REDIS_URL, else embedded)")
     load.add_argument("--data-dir", type=Path, default=None, help="embedded Redis data dir (default: ./data)")

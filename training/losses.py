@@ -43,26 +43,30 @@ def softmax_loss(
     log_q: torch.Tensor | None,
     temperature: float,
     accidental: torch.Tensor | None = None,
+    column: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """In-batch sampled softmax: column t holds a positive of user row owner[t]; for every other row it is a
-    sampled negative.
+    """Sampled softmax over the batch's item columns: positive t is the pair (row owner[t], column column[t]);
+    for every other row that column is a sampled negative.
 
-    logits[u, t] = dot(u, v_t) / temperature - log q(item_t)   (logQ correction, Yi et al. 2019: an item is in the
-    batch in proportion to its popularity, so without it popular items would be over-penalised as negatives);
-    each (owner[t], t) pair is a softmax of its positive against the row's negatives, where a row's negatives are
+    logits[u, c] = dot(u, v_c) / temperature - log q(item_c)   (logQ correction, Yi et al. 2019: an item is among
+    the columns in proportion to its popularity, so without it popular items would be over-penalised as
+    negatives); each positive is a softmax of its logit against its row's negatives, where a row's negatives are
     the columns that are neither the row's own positives nor marked in `accidental` (an accidental hit: the
-    column's item is one of the row's positives too, e.g. the same item as another row's positive).
-    users: (U, D); items: (T, D); owner: (T,) row index; log_q: (T,) or None; accidental: (U, T) bool or None.
+    column's item is one of the row's items too, e.g. the same item as another row's positive).
+    users: (U, D); items: (C, D); owner: (T,) row index; column: (T,) column index, default arange(T) (column t
+    is positive t, C == T); log_q: (C,) or None; accidental: (U, C) bool or None.
     With U == T, owner = arange(T) this is the classic one-positive-per-row in-batch softmax."""
-    logits = users @ items.T / temperature  # (U, T)
+    logits = users @ items.T / temperature  # (U, C)
     if log_q is not None:
         logits = logits - log_q.unsqueeze(0)
-    rows = torch.arange(len(users), device=logits.device)
-    not_negative = owner.unsqueeze(0) == rows.unsqueeze(1)  # (U, T): a row's own positives
+    if column is None:
+        column = torch.arange(len(owner), device=logits.device)
+    not_negative = torch.zeros_like(logits, dtype=torch.bool)
+    not_negative[owner, column] = True  # a row's own positives
     if accidental is not None:
         not_negative = not_negative | accidental
     negatives = torch.logsumexp(logits.masked_fill(not_negative, float("-inf")), dim=1)  # (U,)
-    positive = logits[owner, torch.arange(len(owner), device=logits.device)]  # (T,)
+    positive = logits[owner, column]  # (T,)
     # -log softmax of the positive against {positive} ∪ negatives of its row
     return (torch.logaddexp(positive, negatives[owner]) - positive).mean()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,17 @@ class TowerConfig:
     hidden: tuple[int, ...] = (256,)
     normalize: bool = True
     use_user_id: bool = True
+    # user categorical features in the user tower; on MovieLens 100K they overfit (test NDCG@10 0.364 with them,
+    # 0.429 without, split seed 0; 0.379 with feature_dropout 0.5) while history carries cold users
+    use_user_features: bool = True
+    # "mlp": concatenate the parts and map them through the MLP (`hidden`, then D); "sum": every part is a
+    # D-dimensional embedding and the tower outputs their sum (id_dim, feature_dim and hidden unused). The sum is
+    # a frozen Linear of stacked identities, so every consumer of the towers' Linear layers serves it unchanged.
+    # Measured on MovieLens 100K (split seed 0, history only, linear): sum 0.423 test NDCG@10, one learned
+    # Linear projection 0.383.
+    combine: Literal["mlp", "sum"] = "mlp"
+    # embedding tables start at N(0, init_std²); torch's default N(0, 1) cost ~0.04 NDCG@10 on MovieLens 100K
+    init_std: float = 0.01
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "hidden": list(self.hidden)}
@@ -48,6 +59,16 @@ def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
         in_dim = width
     layers.append(nn.Linear(in_dim, out_dim))
     return nn.Sequential(*layers)
+
+
+def _summing(parts: int, dim: int) -> nn.Sequential:
+    """A frozen Linear that adds `parts` concatenated D-dim vectors: weight [I I ... I], bias 0."""
+    linear = nn.Linear(parts * dim, dim)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(dim).repeat(1, parts))
+        linear.bias.zero_()
+    linear.requires_grad_(False)
+    return nn.Sequential(linear)
 
 
 def _pooled(rows: int, dim: int) -> nn.EmbeddingBag:
@@ -85,11 +106,13 @@ class UserTower(nn.Module):
     def __init__(self, spec: FeatureSpec, sizes: Mapping[str, int], config: TowerConfig) -> None:
         super().__init__()
         self.config = config
-        self.user_id = nn.Embedding(sizes["user_ids"], config.id_dim) if config.use_user_id else None
-        self.history = _pooled(sizes["item_ids"], config.id_dim)
-        self.features = FeatureEmbeddings(spec.user_features, sizes, config.feature_dim)
-        in_dim = config.id_dim * (2 if config.use_user_id else 1) + self.features.out_dim
-        self.mlp = _mlp(in_dim, config.hidden, config.dim)
+        summed = config.combine == "sum"
+        id_dim, feature_dim = (config.dim, config.dim) if summed else (config.id_dim, config.feature_dim)
+        self.user_id = nn.Embedding(sizes["user_ids"], id_dim) if config.use_user_id else None
+        self.history = _pooled(sizes["item_ids"], id_dim)
+        self.features = FeatureEmbeddings(spec.user_features if config.use_user_features else (), sizes, feature_dim)
+        in_dim = id_dim * (2 if config.use_user_id else 1) + self.features.out_dim
+        self.mlp = _summing(in_dim // id_dim, id_dim) if summed else _mlp(in_dim, config.hidden, config.dim)
 
     def forward(self, ids: torch.Tensor, features: Mapping[str, torch.Tensor], history: torch.Tensor) -> torch.Tensor:
         parts = [self.history(history), *self.features(features)]  # history: (B, L) -> (B, E)
@@ -105,9 +128,12 @@ class ItemTower(nn.Module):
     def __init__(self, spec: FeatureSpec, sizes: Mapping[str, int], config: TowerConfig) -> None:
         super().__init__()
         self.config = config
-        self.item_id = nn.Embedding(sizes["item_ids"], config.id_dim)
-        self.features = FeatureEmbeddings(spec.item_features, sizes, config.feature_dim)
-        self.mlp = _mlp(config.id_dim + self.features.out_dim, config.hidden, config.dim)
+        summed = config.combine == "sum"
+        id_dim, feature_dim = (config.dim, config.dim) if summed else (config.id_dim, config.feature_dim)
+        self.item_id = nn.Embedding(sizes["item_ids"], id_dim)
+        self.features = FeatureEmbeddings(spec.item_features, sizes, feature_dim)
+        in_dim = id_dim + self.features.out_dim
+        self.mlp = _summing(in_dim // id_dim, id_dim) if summed else _mlp(in_dim, config.hidden, config.dim)
 
     def forward(self, ids: torch.Tensor, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         out = self.mlp(torch.cat([self.item_id(ids), *self.features(features)], dim=-1))  # (N, D)
@@ -130,6 +156,9 @@ class TwoTower(nn.Module):
         sizes = vocabs.sizes()
         self.user_tower = UserTower(spec, sizes, self.config)
         self.item_tower = ItemTower(spec, sizes, self.config)
+        for module in self.modules():
+            if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+                nn.init.normal_(module.weight, std=self.config.init_std)
 
     def users(self, batch: EncodedUsers) -> torch.Tensor:
         """(B, D) user embeddings for encoded users."""

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
@@ -49,8 +50,10 @@ class TrainConfig:
     margin: float = 0.3  # triplet
     negatives: Literal["uniform", "popularity"] = "uniform"  # triplet, bpr
     logq: bool = True  # softmax: logQ correction
+    uniform_negatives: int = 0  # softmax: extra negative columns drawn uniformly from the catalog
     history_keep: float = 0.5  # fraction of a user's items shown as history; the rest are the batch's positives
     id_dropout: float = 0.1  # chance an example's user/item id is replaced by "unknown" (trains cold start)
+    feature_dropout: float = 0.0  # chance each of a user's features is replaced by "unknown" (regularises them)
     val_fraction: float = 0.1
     patience: int = 4
     seed: int = 0
@@ -121,6 +124,17 @@ class TrainingData:
         self.user_items = [np.array([item_pos[i] for i in hist[u]], dtype=np.int64) for u in fit_users]
         self.item_counts = np.bincount(fit.item_id.map(item_pos), minlength=len(self.catalog_ids)).astype(np.float64)
         self.rows = len(fit)
+        # Ids and features encoded once (histories are drawn per batch): (users,) and (users, width) arrays.
+        self.users = encode_users(spec, self.vocabs, fit_users, self.user_features, [[] for _ in fit_users])
+        # (users, catalog) sparse: does user u have item i among its training items (accidental-hit masks).
+        lengths = [len(items) for items in self.user_items]
+        self.owned = sp.csr_matrix(
+            (
+                np.ones(sum(lengths), dtype=bool),
+                (np.repeat(np.arange(len(fit_users)), lengths), np.concatenate(self.user_items)),
+            ),
+            shape=(len(fit_users), len(self.catalog_ids)),
+        )
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -148,13 +162,15 @@ class Trainer:
         self.rng = np.random.default_rng(config.seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         counts = data.item_counts
-        self.log_q = torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum()).astype(np.float32))
+        self.p_item = np.maximum(counts, 1.0) / counts.sum()  # training frequency (unseen items count as 1)
         self.sampler = NegativeSampler(counts, config.negatives, seed=config.seed)
+        self.uniform = NegativeSampler(counts, "uniform", seed=config.seed + 1)
+        self.uniform_p = self.uniform.probs.numpy()
         self.max_history = model.spec.max_history
 
     def batch(self, users: np.ndarray) -> Batch:
         config, data = self.config, self.data
-        histories_: list[list[str]] = []
+        history = np.zeros((len(users), self.max_history), dtype=np.int64)
         positives: list[np.ndarray] = []
         owner: list[np.ndarray] = []
         for row, user in enumerate(users):
@@ -162,18 +178,17 @@ class Trainer:
             keep = self.rng.random(len(items)) < config.history_keep
             if keep.all():  # every user contributes at least one positive
                 keep[self.rng.integers(len(items))] = False
-            histories_.append(list(data.catalog_ids[items[keep][: self.max_history]]))
+            shown = data.items.ids[items[keep][: self.max_history]]
+            history[row, : len(shown)] = shown
             positives.append(items[~keep])
             owner.append(np.full((~keep).sum(), row, dtype=np.int64))
         # Ids are dropped to "unknown" at random so the unknown embedding learns what a cold user looks like.
-        ids = [data.user_ids[u] if self.rng.random() >= config.id_dropout else None for u in users]
-        encoded = encode_users(
-            self.model.spec,
-            data.vocabs,
-            ids,
-            {k: [v[u] for u in users] for k, v in data.user_features.items()},
-            histories_,
-        )
+        ids = np.where(self.rng.random(len(users)) >= config.id_dropout, data.users.ids[users], 0)
+        features = {
+            k: np.where(self.rng.random((len(users), 1)) >= config.feature_dropout, v[users], 0)
+            for k, v in data.users.features.items()
+        }
+        encoded = EncodedUsers(ids, features, history)
         return Batch(encoded, np.concatenate(positives), np.concatenate(owner))
 
     def item_batch(self, positions: np.ndarray) -> EncodedItems:
@@ -185,30 +200,42 @@ class Trainer:
         config, model = self.config, self.model
         batch = self.batch(user_rows)
         users = model.users(batch.users)  # (U, D)
-        items = model.items(self.item_batch(batch.positives))  # (T, D)
         owner = torch.from_numpy(batch.owner)
         if config.loss == "softmax":
+            # Columns: the batch's distinct positives, plus `uniform_negatives` items drawn from the whole catalog
+            # (mixed negative sampling, Yang et al. 2020), each through the item tower once.
+            drawn = (
+                self.uniform.sample(config.uniform_negatives).numpy()
+                if config.uniform_negatives
+                else np.zeros(0, np.int64)
+            )
+            columns, inverse = np.unique(np.concatenate([batch.positives, drawn]), return_inverse=True)
+            items = model.items(self.item_batch(columns))  # (C, D)
+            column = torch.from_numpy(inverse[: len(batch.positives)].astype(np.int64))
             # Accidental hits: a column whose item is one of the row's own items (history or positives).
-            accidental = torch.from_numpy(self._owns(user_rows, batch.positives))
-            log_q = self.log_q[torch.from_numpy(batch.positives)] if config.logq else None
-            loss = softmax_loss(users, items, owner, log_q, config.temperature, accidental)
+            accidental = torch.from_numpy(self.data.owned[user_rows][:, columns].toarray())
+            log_q = self._log_q(columns, len(batch.positives), config.uniform_negatives) if config.logq else None
+            loss = softmax_loss(users, items, owner, log_q, config.temperature, accidental, column)
         else:
-            negatives = model.items(self.item_batch(self.sampler.sample(len(owner)).numpy()))  # (T, D)
+            negatives = self.sampler.sample(len(owner)).numpy()
+            columns, inverse = np.unique(np.concatenate([batch.positives, negatives]), return_inverse=True)
+            vectors = model.items(self.item_batch(columns))[torch.from_numpy(inverse.astype(np.int64))]
+            positive, negative = vectors[: len(owner)], vectors[len(owner) :]  # (T, D) each
             if config.loss == "bpr":
-                loss = bpr_loss(users[owner], items, negatives)
+                loss = bpr_loss(users[owner], positive, negative)
             else:
-                loss = triplet_loss(users[owner], items, negatives, config.margin)
+                loss = triplet_loss(users[owner], positive, negative, config.margin)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return loss.item()
 
-    def _owns(self, user_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """(U, T) bool: does user row u have item positions[t] among its training items."""
-        owned = np.zeros((len(user_rows), len(positions)), dtype=bool)
-        for row, user in enumerate(user_rows):
-            owned[row] = np.isin(positions, self.data.user_items[user])
-        return owned
+    def _log_q(self, columns: np.ndarray, positives: int, uniform: int) -> torch.Tensor:
+        """log P(item is among the columns): the batch's positives are `positives` draws in proportion to training
+        frequency and `uniform` more are uniform over the catalog; columns are distinct items, so the chance of
+        being a column is 1 - P(never drawn) = 1 - (1 - p)^positives (1 - 1/N)^uniform."""
+        never = positives * np.log1p(-self.p_item[columns]) + uniform * np.log1p(-self.uniform_p[columns])
+        return torch.from_numpy(np.log(-np.expm1(never)).astype(np.float32))
 
 
 @dataclass
