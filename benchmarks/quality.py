@@ -49,19 +49,10 @@ PUBLISHED = [
 # mean of the history's item embeddings (no user id, no user features: both overfit here), item tower = item id
 # + genres + year embeddings, each tower the SUM of its parts (no learned projection), unnormalised inner product,
 # small embedding init, full-batch steps (all users per step) with Adam at 1e-2.
-_TOWER = TowerConfig(dim=64, normalize=False, use_user_id=False, use_user_features=False, combine="sum")
-_COMMON: dict[str, Any] = {
-    "epochs": 400,
-    "batch_size": 1024,
-    "lr": 1e-2,
-    "eval_every": 10,
-    "patience": 5,
-    "tower": _TOWER,
-}
+# The defaults of TrainConfig / TowerConfig are that recipe, except that MovieLens users' features are left out.
+_TOWER = TowerConfig(use_user_features=False)
 TWO_TOWER_CONFIGS: dict[str, TrainConfig] = {
-    "softmax": TrainConfig(loss="softmax", temperature=1.0, **_COMMON),
-    "bpr": TrainConfig(loss="bpr", **_COMMON),
-    "triplet": TrainConfig(loss="triplet", margin=1.0, **_COMMON),
+    loss: TrainConfig(loss=loss, tower=_TOWER) for loss in ("softmax", "bpr", "triplet")
 }
 ALS_GRID = {"factors": (32, 64, 128), "regularization": (0.01, 0.1, 1.0), "alpha": (1.0, 2.0, 5.0, 10.0)}
 

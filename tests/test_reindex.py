@@ -153,8 +153,17 @@ def test_manifest_records_model_recipe_params_recall_latency_and_catalog_hash(
 COLD_DATA = {"n_users": 1000, "n_items": 300, "n_clusters": 20, "interactions_per_user": 20, "seed": 7}
 # Small clusters (15 items) so that "retrieved" can mean the top 10; id dropout 0.5 makes the item tower lean on
 # features, which is what carries an item it has never seen.
+# A normalised MLP tower with a high id dropout: the item tower must carry a new item by its features alone.
 COLD_CONFIG = TrainConfig(
-    epochs=15, batch_size=256, patience=15, seed=3, id_dropout=0.5, tower=TowerConfig(dim=32, id_dim=32, hidden=(64,))
+    epochs=15,
+    batch_size=256,
+    eval_every=2,
+    patience=15,
+    seed=3,
+    lr=3e-3,
+    temperature=0.05,
+    id_dropout=0.5,
+    tower=TowerConfig(dim=32, id_dim=32, hidden=(64,), normalize=True, use_user_id=True, combine="mlp"),
 )
 
 

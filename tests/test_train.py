@@ -90,7 +90,7 @@ def test_weights_that_do_not_fit_the_manifest_are_refused_naming_the_file(
 ) -> None:
     copy = _copy(trained_model, tmp_path)
     manifest = json.loads((copy / MANIFEST).read_text())
-    manifest["tower_config"]["hidden"] = [8]
+    manifest["tower_config"]["dim"] = 8
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"user_tower\.safetensors does not fit"):
         load_model(copy)

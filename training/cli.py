@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, train_and_save
 
     dataset = _dataset(args.data, args.synthetic_users, args.synthetic_items, args.seed)
-    tower = TowerConfig(dim=args.dim, hidden=tuple(args.hidden), normalize=not args.no_normalize)
+    tower = TowerConfig(dim=args.dim, normalize=args.normalize, use_user_features=not args.no_user_features)
     config = TrainConfig(
         loss=args.loss,
         epochs=args.epochs,
@@ -212,6 +212,9 @@ def cmd_load_features(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from training.model import TowerConfig
+    from training.train import TrainConfig
+
     parser = argparse.ArgumentParser(prog="twotower", description="Two-tower retrieval: train, index, serve.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -235,14 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="uniform",
         help="negative sampler for bpr/triplet (default: %(default)s)",
     )
-    train.add_argument("--epochs", type=int, default=40, help="maximum epochs (early stopping on validation)")
-    train.add_argument("--batch-size", type=int, default=1024)
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--temperature", type=float, default=0.05, help="softmax temperature")
-    train.add_argument("--margin", type=float, default=0.3, help="triplet margin")
-    train.add_argument("--dim", type=int, default=64, help="embedding dimension")
-    train.add_argument("--hidden", type=int, nargs="*", default=[256], help="hidden layer widths of each tower")
-    train.add_argument("--no-normalize", action="store_true", help="do not L2-normalise tower outputs")
+    # Defaults come from TrainConfig / TowerConfig: the recipe measured best (docs/loss.md).
+    defaults, tower = TrainConfig(), TowerConfig()
+    train.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs (early stopping)")
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="users per step")
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--temperature", type=float, default=defaults.temperature, help="softmax temperature")
+    train.add_argument("--margin", type=float, default=defaults.margin, help="triplet margin")
+    train.add_argument("--dim", type=int, default=tower.dim, help="embedding dimension")
+    train.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=tower.normalize,
+        help="L2-normalise tower outputs (score = cosine)",
+    )
+    train.add_argument("--no-user-features", action="store_true", help="user tower without user features")
     train.add_argument("--holdout", type=float, default=0.2, help="test fraction (0: train on everything)")
     train.add_argument("--seed", type=int, default=0, help="split and training seed")
     train.add_argument("--max-seconds", type=float, default=None, help="stop training after this long")

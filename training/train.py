@@ -40,14 +40,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
+    """Defaults are the recipe measured best on MovieLens 100K (docs/loss.md; benchmarks/quality.py)."""
+
     loss: LossName = "softmax"
-    epochs: int = 100
-    batch_size: int = 64  # users per batch; each brings all of its held-out positives
-    eval_every: int = 2  # epochs between validation passes
-    lr: float = 3e-3
+    epochs: int = 400
+    batch_size: int = 1024  # users per step; each brings all of its held-out positives
+    eval_every: int = 10  # epochs between validation passes
+    lr: float = 1e-2
     weight_decay: float = 0.0
-    temperature: float = 0.05  # softmax
-    margin: float = 0.3  # triplet
+    temperature: float = 1.0  # softmax (unnormalised towers: the scale is learned by the embeddings)
+    margin: float = 1.0  # triplet
     negatives: Literal["uniform", "popularity"] = "uniform"  # triplet, bpr
     logq: bool = True  # softmax: logQ correction
     uniform_negatives: int = 0  # softmax: extra negative columns drawn uniformly from the catalog
@@ -55,7 +57,7 @@ class TrainConfig:
     id_dropout: float = 0.1  # chance an example's user/item id is replaced by "unknown" (trains cold start)
     feature_dropout: float = 0.0  # chance each of a user's features is replaced by "unknown" (regularises them)
     val_fraction: float = 0.1
-    patience: int = 4
+    patience: int = 5  # validation passes without improvement before stopping
     seed: int = 0
     max_seconds: float | None = None
     tower: TowerConfig = field(default_factory=TowerConfig)
