@@ -96,6 +96,15 @@ def test_weights_that_do_not_fit_the_manifest_are_refused_naming_the_file(
         load_model(copy)
 
 
+def test_manifest_without_a_full_tower_config_is_refused(trained_model: LoadedModel, tmp_path: Path) -> None:
+    copy = _copy(trained_model, tmp_path)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    del manifest["tower_config"]["combine"]  # as written before the field existed
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="lacks combine"):
+        load_model(copy)
+
+
 def test_vocabularies_from_another_run_are_refused(trained_model: LoadedModel, tmp_path: Path) -> None:
     copy = _copy(trained_model, tmp_path)
     vocab = json.loads((copy / "vocabularies.json").read_text())

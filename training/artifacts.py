@@ -273,7 +273,10 @@ def load_model(directory: Path) -> LoadedModel:
     vocabs = Vocabularies.from_dict(json.loads((directory / VOCABULARIES).read_text()))
     if vocabs.digest() != manifest["vocab_hash"]:
         raise ArtifactError(f"{directory / VOCABULARIES} does not hash to the manifest's vocab_hash")
-    config = TowerConfig.from_dict(manifest["tower_config"])
+    try:
+        config = TowerConfig.from_dict(manifest["tower_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{directory / MANIFEST}: cannot rebuild the towers: {e}") from e
     model = TwoTower(FeatureSpec.from_dict(manifest["feature_spec"]), vocabs, config)
     for name, module in ((USER_TOWER, model.user_tower), (ITEM_TOWER, model.item_tower)):
         try:

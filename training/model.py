@@ -11,7 +11,7 @@ Nothing here knows about losses or data files: the towers take the index arrays 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -51,6 +51,10 @@ class TowerConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TowerConfig:
+        """Every field must be recorded: a default filled in here could rebuild a different tower."""
+        missing = sorted({f.name for f in fields(cls)} - data.keys())
+        if missing:
+            raise ValueError(f"tower config lacks {', '.join(missing)} (written by an older version)")
         return cls(**{**data, "hidden": tuple(data["hidden"])})
 
 
