@@ -31,7 +31,7 @@ import pandas as pd
 
 from service.errors import InvalidInputError, NotReadyError, UnknownItemError
 from service.tower import NumpyUserTower
-from training.artifacts import ArtifactError, ArtifactStore, LoadedModel, VersionMismatchError, load_model
+from training.artifacts import INDEX_ITEMS, ArtifactError, ArtifactStore, LoadedModel, VersionMismatchError, load_model
 from training.features import EncodedUsers, Vocabulary, encode_items, encode_users
 from training.index import ItemIndex, load_index
 from training.model import embed_items, embed_users
@@ -43,8 +43,6 @@ RecommendationPath = Literal["known_user", "features_only", "cold_start"]
 # Versions are directory names under the artifacts root; anything else (a path, "..") is refused before use.
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _VERSION_RE = re.compile(VERSION_PATTERN)
-# Written by the re-index job beside the index: the raw catalog it embedded (filters read attributes from it).
-INDEX_ITEMS_FILE = "items.parquet"
 # Candidates fetched per wanted item when a filter passes a fraction f of the catalog: k / f * OVERFETCH.
 OVERFETCH = 2.0
 # The batch's single search never asks for more candidates than this; rows it cannot fill go exact.
@@ -278,7 +276,7 @@ class Retriever:
     @staticmethod
     def _item_table(index_dir: Path, model: LoadedModel) -> pd.DataFrame:
         """The raw catalog the index embedded: the re-index job's copy if present, else the model's catalog."""
-        path = index_dir / INDEX_ITEMS_FILE
+        path = index_dir / INDEX_ITEMS
         try:
             table = pd.read_parquet(path) if path.is_file() else model.catalog().reset_index()
         except (OSError, ValueError) as e:

@@ -9,7 +9,8 @@ Keys, all under the configured prefix (default "twotower:"):
 
     {prefix}user:{user_id}:features   hash    feature name -> JSON-encoded raw value
     {prefix}user:{user_id}:history    list    item ids, newest first, each at most once, capped (LTRIM)
-    {prefix}active_index              string  the published index version (set by the re-index job)
+    {prefix}active_index              string  the published index version (written by the re-index job for
+                                              operators; services follow pub/sub and the ACTIVE_INDEX file)
     {prefix}index_published           channel the re-index job PUBLISHes the new index version here
 
 Health: every call updates `health` (ok / degraded with the error). A failed call raises
@@ -259,10 +260,6 @@ class StoredUser:
     features: dict[str, Any] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
 
-    @property
-    def empty(self) -> bool:
-        return not self.features and not self.history
-
 
 @dataclass(frozen=True)
 class StoreHealth:
@@ -334,10 +331,6 @@ class FeatureStore:
     @property
     def channel(self) -> str:
         return f"{self.prefix}index_published"
-
-    @property
-    def active_index_key(self) -> str:
-        return f"{self.prefix}active_index"
 
     @property
     def client(self) -> aioredis.Redis:
@@ -438,11 +431,6 @@ class FeatureStore:
             if features or history:
                 out[user_id] = StoredUser(features, list(history))
         return out
-
-    async def active_index(self) -> str | None:
-        async with self._call("active_index"):
-            value = await self.client.get(self.active_index_key)
-        return str(value) if value else None
 
     # ---- writes
 

@@ -47,12 +47,21 @@ def _users(model: TwoTower, n: int, seed: int) -> EncodedUsers:
 @pytest.mark.parametrize(
     "config",
     [
-        TowerConfig(dim=16, id_dim=8, feature_dim=4, hidden=(32,), normalize=True, use_user_id=True),
-        TowerConfig(dim=16, id_dim=8, feature_dim=4, hidden=(32, 24), normalize=False, use_user_id=True),
-        TowerConfig(dim=8, id_dim=8, feature_dim=4, hidden=(), normalize=True, use_user_id=False),
-        TowerConfig(dim=8, id_dim=8, feature_dim=4, hidden=(16,), normalize=False, use_user_id=False),
+        TowerConfig(dim=16, id_dim=8, feature_dim=4, hidden=(32,), normalize=True, use_user_id=True, combine="mlp"),
+        TowerConfig(dim=16, id_dim=8, feature_dim=4, hidden=(32, 24), normalize=False, use_user_id=True, combine="mlp"),
+        TowerConfig(dim=8, id_dim=8, feature_dim=4, hidden=(), normalize=True, use_user_id=False, combine="mlp"),
+        TowerConfig(dim=8, id_dim=8, feature_dim=4, hidden=(16,), normalize=False, use_user_id=False, combine="mlp"),
+        TowerConfig(dim=8, normalize=False, use_user_id=True, combine="sum"),
+        TowerConfig(dim=8, normalize=True, use_user_id=False, combine="sum"),
     ],
-    ids=["normalized", "two-hidden-raw", "no-hidden-no-id", "raw-no-id"],
+    ids=[
+        "mlp-normalized",
+        "mlp-two-hidden-raw",
+        "mlp-no-hidden-no-id",
+        "mlp-raw-no-id",
+        "sum-raw-id",
+        "sum-normalized",
+    ],
 )
 def test_numpy_user_tower_equals_the_training_module(config: TowerConfig) -> None:
     model = _model(config, seed=1)

@@ -186,6 +186,7 @@ ITEM_EMBEDDINGS = "item_embeddings.npy"
 CATALOG = "catalog.parquet"
 USERS = "users.parquet"
 METRIC = "inner_product"
+INDEX_ITEMS = "items.parquet"  # beside an index: the raw catalog it embedded (the service's attribute filters)
 
 
 @dataclass

@@ -81,13 +81,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     store = ArtifactStore(_artifacts(args))
     loaded = load_model(store.model_dir(args.model or store.latest_model()))
     training = loaded.manifest["training"]
-    seed = training["seed"] if args.seed is None else args.seed
-    holdout = training["holdout"] or 0.2
+    seed, holdout = training["seed"], training["holdout"]
+    # Only the split the model was trained on is a fair test: any other split puts training rows in the test set.
+    if not holdout:
+        raise SystemExit(f"model {loaded.version} was trained on every row (holdout 0): it has no test split")
     dataset = _dataset(args.data, args.synthetic_users, args.synthetic_items, seed)
     if dataset.name != training["dataset"]:
-        logging.getLogger("twotower").warning(
-            "model %s was trained on %s, evaluating on %s", loaded.version, training["dataset"], dataset.name
-        )
+        raise SystemExit(f"model {loaded.version} was trained on {training['dataset']}, not on {dataset.name}")
     train, test = split_random(dataset.interactions, holdout, seed=seed)
     result = {
         "model": loaded.version,
@@ -212,6 +212,7 @@ def cmd_load_features(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from training.losses import LOSSES
     from training.model import TowerConfig
     from training.train import TrainConfig
 
@@ -226,20 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(train)
     train.add_argument("--artifacts", type=Path, default=None, help=ARTIFACTS_HELP)
+    # Defaults come from TrainConfig / TowerConfig: the recipe measured best (docs/loss.md).
+    defaults, tower = TrainConfig(), TowerConfig()
     train.add_argument(
         "--loss",
-        choices=["softmax", "bpr", "triplet"],
-        default="softmax",
+        choices=LOSSES,
+        default=defaults.loss,
         help="training loss (default: %(default)s, the best measured; see docs/loss.md)",
     )
     train.add_argument(
         "--negatives",
         choices=["uniform", "popularity"],
-        default="uniform",
+        default=defaults.negatives,
         help="negative sampler for bpr/triplet (default: %(default)s)",
     )
-    # Defaults come from TrainConfig / TowerConfig: the recipe measured best (docs/loss.md).
-    defaults, tower = TrainConfig(), TowerConfig()
     train.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs (early stopping)")
     train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="users per step")
     train.add_argument("--lr", type=float, default=defaults.lr)
@@ -252,9 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=tower.normalize,
         help="L2-normalise tower outputs (score = cosine)",
     )
-    train.add_argument("--no-user-features", action="store_true", help="user tower without user features")
+    train.add_argument(
+        "--no-user-features", action="store_true", help="user tower without user features (best on MovieLens)"
+    )
     train.add_argument("--holdout", type=float, default=0.2, help="test fraction (0: train on everything)")
-    train.add_argument("--seed", type=int, default=0, help="split and training seed")
+    train.add_argument("--seed", type=int, default=defaults.seed, help="split and training seed")
     train.add_argument("--max-seconds", type=float, default=None, help="stop training after this long")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
@@ -267,7 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(ev)
     ev.add_argument("--artifacts", type=Path, default=None, help=ARTIFACTS_HELP)
     ev.add_argument("--model", help="model version (default: the newest)")
-    ev.add_argument("--seed", type=int, default=None, help="split seed (default: the one the model used)")
     ev.set_defaults(func=cmd_evaluate)
 
     rx = sub.add_parser(
@@ -336,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["serve"]:
+        # Read by OpenBLAS when numpy loads, which building the parser does: one BLAS thread per serving process,
+        # like torch and FAISS (TWOTOWER_THREADS); spinning BLAS workers stalled requests on a busy machine.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", os.environ.get("TWOTOWER_THREADS", "1"))
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

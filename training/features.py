@@ -47,7 +47,8 @@ class FeatureDef:
         if raw is None or (isinstance(raw, float) and math.isnan(raw)):
             return []
         if self.kind == "multi":
-            values = raw.split("|") if isinstance(raw, str) else list(raw)
+            # a string is "a|b"; a list, tuple or array (Parquet gives arrays) is the values; a scalar is one value
+            values = raw.split("|") if isinstance(raw, str) else list(raw) if np.iterable(raw) else [raw]
             return [str(v) for v in values if str(v) != ""][: self.max_values]
         text = str(raw).strip()
         if text == "":

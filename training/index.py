@@ -54,7 +54,7 @@ __all__ = [
     "set_threads",
 ]
 
-METRIC = "inner_product"
+METRIC = artifacts.METRIC  # the one metric of the project, defined with the artifact contract
 INDEX_FILE = "index.faiss"
 ITEM_IDS_FILE = "item_ids.json"
 VECTORS_FILE = "item_vectors.npy"

@@ -36,7 +36,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from training import artifacts
-from training.artifacts import ArtifactError, ArtifactStore, LoadedModel, load_model
+from training.artifacts import INDEX_ITEMS, ArtifactError, ArtifactStore, LoadedModel, load_model
 from training.features import FeatureDef, FeatureSpec, encode_items, encode_users
 from training.index import build_index, choose_recipe, save_index
 from training.model import TwoTower, embed_items, embed_users
@@ -55,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ITEMS_FILE = "items.parquet"
+ITEMS_FILE = INDEX_ITEMS
 INDEX_VERSION_PREFIX = "idx-"
 ID_COLUMNS = ("item_id", "item")
 RECALL_K = 10

@@ -204,7 +204,8 @@ class Trainer:
         users = model.users(batch.users)  # (U, D)
         owner = torch.from_numpy(batch.owner)
         if config.loss == "softmax":
-            # Columns: the batch's distinct positives, plus `uniform_negatives` items drawn from the whole catalog
+            # Columns: the batch's distinct positives, plus `uniform_negatives` items drawn uniformly from the items
+            # seen in training
             # (mixed negative sampling, Yang et al. 2020), each through the item tower once.
             drawn = (
                 self.uniform.sample(config.uniform_negatives).numpy()
@@ -234,8 +235,8 @@ class Trainer:
 
     def _log_q(self, columns: np.ndarray, positives: int, uniform: int) -> torch.Tensor:
         """log P(item is among the columns): the batch's positives are `positives` draws in proportion to training
-        frequency and `uniform` more are uniform over the catalog; columns are distinct items, so the chance of
-        being a column is 1 - P(never drawn) = 1 - (1 - p)^positives (1 - 1/N)^uniform."""
+        frequency and `uniform` more are uniform over the N items seen in training; columns are distinct items, so
+        the chance of being a column is 1 - P(never drawn) = 1 - (1 - p)^positives (1 - 1/N)^uniform."""
         never = positives * np.log1p(-self.p_item[columns]) + uniform * np.log1p(-self.uniform_p[columns])
         return torch.from_numpy(np.log(-np.expm1(never)).astype(np.float32))
 
