@@ -153,7 +153,8 @@ class UserQuery:
 
     user_id: str | None = None
     features: Mapping[str, Any] = field(default_factory=dict)
-    history: Sequence[str] = ()  # item ids, newest first
+    history: Sequence[str] = ()  # item ids, newest first (capped: the tower's input)
+    seen: Collection[str] = ()  # every item the store knows the user had, beyond the capped history too
     k: int = 10
     exclude: Collection[str] = ()
     exclude_seen: bool = True
@@ -320,7 +321,7 @@ class Retriever:
         plans: list[tuple[set[int], np.ndarray | None, int]] = []  # excluded positions, filter mask, wanted
         fetch = 1
         for i, q in enumerate(queries):
-            excluded_ids = set(q.exclude) | (set(q.history) if q.exclude_seen else set())
+            excluded_ids = set(q.exclude) | ({*q.history, *q.seen} if q.exclude_seen else set())
             excluded = {int(p) for p in index.positions_of(list(excluded_ids)) if p >= 0}
             try:
                 mask = pair.attributes.mask(q.filter) if q.filter else None

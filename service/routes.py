@@ -57,6 +57,7 @@ def _query(request: RecommendRequest, stored: StoredUser | None, max_history: in
         user_id=request.user_id,
         features=features,
         history=history,
+        seen=stored.seen if stored else (),
         k=request.k,
         exclude=frozenset(request.exclude),
         exclude_seen=request.exclude_seen,

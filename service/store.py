@@ -8,7 +8,9 @@ writes per event) and by `twotower load-features` (bulk writes).
 Keys, all under the configured prefix (default "twotower:"):
 
     {prefix}user:{user_id}:features   hash    feature name -> JSON-encoded raw value
-    {prefix}user:{user_id}:history    list    item ids, newest first, each at most once, capped (LTRIM)
+    {prefix}user:{user_id}:history    list    item ids, newest first, each at most once, capped (LTRIM): the
+                                              tower's input
+    {prefix}user:{user_id}:seen       set     every item id the user had (uncapped): what exclude_seen leaves out
     {prefix}active_index              string  the published index version (written by the re-index job for
                                               operators; services follow pub/sub and the ACTIVE_INDEX file)
     {prefix}index_published           channel the re-index job PUBLISHes the new index version here
@@ -58,14 +60,15 @@ OUTAGE_BACKOFF_SECONDS = 1.0
 _MAX_UNIX_SOCKET_PATH = 100
 
 
-# KEYS: features key, history key of each user in turn; ARGV[1]: history length. Scripts speak RESP2 to Redis,
-# so HGETALL comes back as a flat [field, value, ...] array.
+# KEYS: features, history and seen key of each user in turn; ARGV[1]: history length. Scripts speak RESP2 to
+# Redis, so HGETALL comes back as a flat [field, value, ...] array.
 _GET_USERS_LUA = """
 local out = {}
 local last = tonumber(ARGV[1]) - 1
-for i = 1, #KEYS, 2 do
+for i = 1, #KEYS, 3 do
   out[#out + 1] = redis.call('HGETALL', KEYS[i])
   out[#out + 1] = redis.call('LRANGE', KEYS[i + 1], 0, last)
+  out[#out + 1] = redis.call('SMEMBERS', KEYS[i + 2])
 end
 return out
 """
@@ -255,10 +258,11 @@ class EmbeddedRedis:
 
 @dataclass(frozen=True)
 class StoredUser:
-    """What Redis holds for one user: raw features and history (item ids, newest first)."""
+    """What Redis holds for one user: raw features, history (item ids, newest first, capped) and every item seen."""
 
     features: dict[str, Any] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
+    seen: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -410,6 +414,9 @@ class FeatureStore:
     def history_key(self, user_id: str) -> str:
         return f"{self.prefix}user:{user_id}:history"
 
+    def seen_key(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}:seen"
+
     # ---- reads
 
     async def get_users(self, user_ids: Sequence[str]) -> dict[str, StoredUser]:
@@ -419,17 +426,21 @@ class FeatureStore:
         unique = list(dict.fromkeys(user_ids))
         if not unique:
             return {}
-        keys = [key for user_id in unique for key in (self.features_key(user_id), self.history_key(user_id))]
+        keys = [
+            key
+            for user_id in unique
+            for key in (self.features_key(user_id), self.history_key(user_id), self.seen_key(user_id))
+        ]
         async with self._call("get_users"):
             if self._get_users_script is None:
                 self._get_users_script = self.client.register_script(_GET_USERS_LUA)
             replies = await self._get_users_script(keys=keys, args=[self.max_history])
         out: dict[str, StoredUser] = {}
         for i, user_id in enumerate(unique):
-            flat, history = replies[2 * i], replies[2 * i + 1]  # HGETALL as [field, value, ...] inside a script
+            flat, history, seen = replies[3 * i : 3 * i + 3]  # HGETALL as [field, value, ...] inside a script
             features = {flat[j]: _decode_value(flat[j + 1]) for j in range(0, len(flat), 2)}
-            if features or history:
-                out[user_id] = StoredUser(features, list(history))
+            if features or history or seen:
+                out[user_id] = StoredUser(features, list(history), frozenset(seen))
         return out
 
     # ---- writes
@@ -437,8 +448,9 @@ class FeatureStore:
     async def record_events(self, events: Sequence[tuple[str, str]]) -> int:
         """Append (user_id, item_id) interactions, oldest first, to the users' histories in ONE transaction.
 
-        Each item moves to the front of its user's history (an item is kept once, at its latest position) and
-        every touched history is trimmed to `max_history`. Returns the number written; raises
+        Each item moves to the front of its user's history (an item is kept once, at its latest position), every
+        touched history is trimmed to `max_history`, and the item joins the user's uncapped seen set. Returns the
+        number written; raises
         StoreUnavailableError (and nothing is written) if Redis fails."""
         if not events:
             return 0
@@ -448,6 +460,7 @@ class FeatureStore:
                 key = self.history_key(user_id)
                 pipe.lrem(key, 0, item_id)
                 pipe.lpush(key, item_id)
+                pipe.sadd(self.seen_key(user_id), item_id)
             for user_id in dict.fromkeys(u for u, _ in events):
                 pipe.ltrim(self.history_key(user_id), 0, self.max_history - 1)
             await pipe.execute()
@@ -461,24 +474,26 @@ class FeatureStore:
         on_progress: Callable[[int], object] | None = None,
     ) -> int:
         """Bulk-write a users table (user_id index, raw feature columns, `history` = item ids newest first),
-        replacing what each user had, pipelined `chunk` users per round trip. Returns the users written."""
+        replacing what each user had, pipelined `chunk` users per round trip: the history capped to `max_history`,
+        every item in the seen set. Returns the users written."""
         feature_columns = [c for c in users.columns if c != "history"]
         histories: Iterable[Any] = users["history"] if "history" in users.columns else [None] * len(users)
         rows = zip(users.index, users[feature_columns].itertuples(index=False, name=None), histories, strict=True)
         written = 0
-        batch: list[tuple[str, dict[str, str], list[str]]] = []
+        batch: list[tuple[str, dict[str, str], list[str]]] = []  # (user, features, full history)
 
         async def flush() -> None:
             nonlocal written
             async with self._call("load_users"):
                 pipe = self.client.pipeline(transaction=False)
                 for user_id, features, history in batch:
-                    pipe.delete(self.features_key(user_id), self.history_key(user_id))
+                    pipe.delete(self.features_key(user_id), self.history_key(user_id), self.seen_key(user_id))
                     if features:
                         mapping: dict[Any, Any] = features  # redis-py's stubs want a wider key type
                         pipe.hset(self.features_key(user_id), mapping=mapping)
                     if history:
-                        pipe.rpush(self.history_key(user_id), *history)
+                        pipe.rpush(self.history_key(user_id), *history[: self.max_history])
+                        pipe.sadd(self.seen_key(user_id), *history)
                 await pipe.execute()
             written += len(batch)
             if on_progress is not None:
@@ -487,7 +502,7 @@ class FeatureStore:
 
         for user_id, values, history in rows:
             features = {name: text for name, v in zip(feature_columns, values, strict=True) if (text := _json_value(v))}
-            items = [str(i) for i in (history if history is not None else [])][: self.max_history]
+            items = [str(i) for i in (history if history is not None else [])]
             batch.append((str(user_id), features, items))
             if len(batch) >= chunk:
                 await flush()

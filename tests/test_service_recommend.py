@@ -261,3 +261,17 @@ def test_stored_features_the_model_does_not_take_are_ignored(served: Served) -> 
         exclude=["i1", "i2"],
     )
     assert_same_ranking(body["items"], expected)
+
+
+def test_items_seen_before_the_capped_history_are_still_excluded(served: Served) -> None:
+    settings = make_settings(served.root, served.redis_url, "seen:", max_history=3)
+    with TestClient(create_app(settings)) as client:
+        first = client.post("/v1/recommendations", json={"user_id": "heavy", "k": 6}).json()["items"]
+        seen = [item["item_id"] for item in first]
+        events = [{"user_id": "heavy", "item_id": item} for item in seen]
+        assert client.post("/v1/events", json={"events": events}).json() == {"accepted": 6}
+        body = client.post("/v1/recommendations", json={"user_id": "heavy", "k": 50}).json()
+    # Only the 3 newest events feed the tower, but all 6 items were seen and none comes back.
+    assert body["path"] == "known_user"
+    assert not set(seen) & {item["item_id"] for item in body["items"]}
+    assert len(body["items"]) == 50

@@ -20,18 +20,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
 
 
-def test_histories_are_newest_first_unique_and_capped(redis_url: str, tmp_path: Path) -> None:
-    async def go() -> list[str]:
+def test_histories_are_newest_first_unique_and_capped_while_seen_keeps_everything(
+    redis_url: str, tmp_path: Path
+) -> None:
+    async def go() -> StoredUser:
         store = FeatureStore(redis_url, data_dir=tmp_path, prefix="cap:", max_history=3)
         await store.start()
         try:
             await store.record_events([("u1", "a"), ("u1", "b"), ("u1", "c")])
             await store.record_events([("u1", "a"), ("u1", "d"), ("u2", "x")])
-            return (await store.get_users(["u1", "u2", "nobody"]))["u1"].history
+            return (await store.get_users(["u1", "u2", "nobody"]))["u1"]
         finally:
             await store.close()
 
-    assert asyncio.run(go()) == ["d", "a", "c"]
+    user = asyncio.run(go())
+    assert user.history == ["d", "a", "c"]
+    assert user.seen == {"a", "b", "c", "d"}  # "b" fell out of the capped history but was still seen
 
 
 def test_bulk_load_writes_features_and_histories_and_replaces_old_ones(redis_url: str, tmp_path: Path) -> None:
@@ -47,7 +51,7 @@ def test_bulk_load_writes_features_and_histories_and_replaces_old_ones(redis_url
     progress: list[int] = []
 
     async def go() -> tuple[int, StoredUser, StoredUser]:
-        store = FeatureStore(redis_url, data_dir=tmp_path, prefix="bulk:")
+        store = FeatureStore(redis_url, data_dir=tmp_path, prefix="bulk:", max_history=2)
         await store.start()
         try:
             await store.record_events([("u1", "stale")])
@@ -61,9 +65,10 @@ def test_bulk_load_writes_features_and_histories_and_replaces_old_ones(redis_url
     assert written == 2
     assert progress == [1, 1]
     assert u1.features == {"age": 31.0, "segment": "s1", "tags": ["x", "y"]}
-    assert u1.history == ["i3", "i2", "i1"]
+    assert u1.history == ["i3", "i2"]  # capped: the tower's input
+    assert u1.seen == {"i3", "i2", "i1"}  # the old event "stale" was replaced; everything loaded is seen
     assert u2.features == {"segment": "s2"}
-    assert u2.history == []
+    assert u2.history == [] and u2.seen == frozenset()
 
 
 def test_an_unreachable_store_starts_degraded_refuses_calls_and_never_hangs(tmp_path: Path) -> None:
