@@ -67,7 +67,9 @@ def _query(request: RecommendRequest, stored: StoredUser | None, max_history: in
     )
 
 
-async def _recommend(services: Services, requests: list[RecommendRequest], *, batch: bool) -> list[RecommendResponse]:
+async def _queries(services: Services, requests: Sequence[RecommendRequest]) -> tuple[list[UserQuery], bool]:
+    """Each request merged with what the store holds for its user, in one store call; degraded when the store
+    is unreachable (then requests are served from their own data; /readyz and metrics say so)."""
     user_ids = [r.user_id for r in requests if r.user_id is not None]
     degraded = False
     stored: dict[str, StoredUser] = {}
@@ -75,18 +77,26 @@ async def _recommend(services: Services, requests: list[RecommendRequest], *, ba
         try:
             stored = await services.store.get_users(user_ids)
         except StoreUnavailableError:
-            degraded = True  # serve from the request alone; /readyz and metrics say so
-    queries = [_query(r, stored.get(r.user_id) if r.user_id else None, services.settings.max_history) for r in requests]
+            degraded = True
+    max_history = services.settings.max_history
+    return [_query(r, stored.get(r.user_id) if r.user_id else None, max_history) for r in requests], degraded
+
+
+def _count(services: Services, result: Recommendation, degraded: bool) -> None:
+    services.metrics.recommendations.labels(result.path, str(degraded).lower()).inc()
+    if result.exact_fallback:
+        services.metrics.exact_fallbacks.inc()
+
+
+async def _recommend(services: Services, requests: list[RecommendRequest], *, batch: bool) -> list[RecommendResponse]:
+    queries, degraded = await _queries(services, requests)
     try:
         results: list[Recommendation] = await run_in_threadpool(services.retriever.recommend, queries)
     except InvalidInputError as e:  # located at (request index, field...) by the retriever
         where = ("body", "requests", *e.loc) if batch else ("body", *e.loc[1:])
         raise InvalidInputError(e.message, where, e.input_value) from e
-    metrics = services.metrics
     for result in results:
-        metrics.recommendations.labels(result.path, str(degraded).lower()).inc()
-        if result.exact_fallback:
-            metrics.exact_fallbacks.inc()
+        _count(services, result, degraded)
     return [
         RecommendResponse(
             user_id=request.user_id,
@@ -126,16 +136,7 @@ def recommendation_json(user_id: str | None, result: Recommendation, degraded: b
 async def recommend_batched(services: Services, requests: Sequence[RecommendRequest]) -> list[bytes | BaseException]:
     """The micro-batcher's `process`: one Redis pipeline, one forward + search (on the loop), JSON bytes per
     request. A request the model cannot take gets its own 422 error; its batch-mates are answered."""
-    user_ids = [r.user_id for r in requests if r.user_id is not None]
-    degraded = False
-    stored: dict[str, StoredUser] = {}
-    if user_ids:
-        try:
-            stored = await services.store.get_users(user_ids)
-        except StoreUnavailableError:
-            degraded = True
-    max_history = services.settings.max_history
-    queries = [_query(r, stored.get(r.user_id) if r.user_id else None, max_history) for r in requests]
+    queries, degraded = await _queries(services, requests)
     retriever = services.retriever
     results: list[Recommendation | BaseException]
     try:
@@ -147,15 +148,12 @@ async def recommend_batched(services: Services, requests: Sequence[RecommendRequ
                 results.append(retriever.recommend([query])[0])
             except InvalidInputError as e:
                 results.append(InvalidInputError(e.message, ("body", *e.loc[1:]), e.input_value))
-    metrics = services.metrics
     out: list[bytes | BaseException] = []
     for request, result in zip(requests, results, strict=True):
         if isinstance(result, BaseException):
             out.append(result)
             continue
-        metrics.recommendations.labels(result.path, str(degraded).lower()).inc()
-        if result.exact_fallback:
-            metrics.exact_fallbacks.inc()
+        _count(services, result, degraded)
         out.append(recommendation_json(request.user_id, result, degraded))
     return out
 
