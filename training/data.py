@@ -623,7 +623,7 @@ class _Table:
         if flags.any():
             pos = int(np.argmax(flags))
             value = self.frame[column].iloc[pos]
-            found = "nothing" if _is_missing(value) else repr(value)
+            found = "nothing" if is_missing(value) else repr(value)
             where = self.where(int(self.frame.index[pos]), column)
             raise DataFormatError(f"{where}: expected {expected}, found {found}")
 
@@ -641,7 +641,8 @@ class _Table:
         )
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
+    """None, NA, NaT or a float NaN: a cell with no value (shared with the re-index job's catalog checks)."""
     return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value)
 
 
@@ -725,14 +726,14 @@ def _table_weights(table: _Table, column: str) -> np.ndarray:
 
 def _as_values(raw: Any) -> list[str]:
     if isinstance(raw, list | tuple | np.ndarray):
-        return [str(v) for v in raw if not _is_missing(v) and str(v) != ""]
-    if _is_missing(raw):
+        return [str(v) for v in raw if not is_missing(v) and str(v) != ""]
+    if is_missing(raw):
         return []
     return [v for v in (part.strip() for part in str(raw).split("|")) if v]
 
 
 def _as_text(raw: Any) -> str | None:
-    if _is_missing(raw):
+    if is_missing(raw):
         return None
     if isinstance(raw, float) and raw.is_integer():
         return str(int(raw))  # an integer column with gaps reads as floats
@@ -745,7 +746,7 @@ def _infer_feature(name: str, column: pd.Series, source: Path) -> tuple[FeatureD
     Lists, or strings containing "|", are multi-valued (lists of str); numbers in a column named like "year"
     are bucketed by decade; everything else is categorical (str). A column without values, or a text column
     whose every value is distinct (a title, an email: nothing to generalize from) is kept but not used."""
-    present = [v for v in column if isinstance(v, list | tuple | np.ndarray) or not _is_missing(v)]
+    present = [v for v in column if isinstance(v, list | tuple | np.ndarray) or not is_missing(v)]
     if not present:
         log.info("%s: column %r has no values; not used as a feature", source, name)
         return None, list(column)

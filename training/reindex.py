@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from training import artifacts
 from training.artifacts import INDEX_ITEMS, ArtifactError, ArtifactStore, LoadedModel, load_model
+from training.data import is_missing
 from training.features import FeatureDef, FeatureSpec, encode_items, encode_users
 from training.index import build_index, choose_recipe, save_index
 from training.model import TwoTower, embed_items, embed_users
@@ -97,10 +98,6 @@ def read_catalog(path: str | Path) -> pd.DataFrame:
     raise CatalogError(f"{path}: expected a .parquet or .csv catalog file, got {suffix or 'no extension'!r}")
 
 
-def _is_missing(value: Any) -> bool:
-    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value)
-
-
 def _is_sequence(value: Any) -> bool:
     return isinstance(value, list | tuple | np.ndarray)
 
@@ -123,7 +120,7 @@ def _item_ids(frame: pd.DataFrame, source: str) -> tuple[pd.Index, pd.DataFrame]
             f"{source}: no item id column: expected 'item_id' (or 'item'); found columns {[str(c) for c in frame]}"
         )
     values = list(raw)
-    missing = [i for i, v in enumerate(values) if _is_missing(v) or (isinstance(v, str) and v.strip() == "")]
+    missing = [i for i, v in enumerate(values) if is_missing(v) or (isinstance(v, str) and v.strip() == "")]
     if missing:
         raise CatalogError(f"{source}: item_id is missing (empty, NaN or None) in {_rows(missing)}")
     if any(_is_sequence(v) for v in values):
@@ -149,8 +146,8 @@ def _multi_values(value: Any) -> list[str] | None:
     if _is_sequence(value):
         if isinstance(value, np.ndarray) and value.ndim != 1:
             return None
-        return [str(v) for v in value if not _is_missing(v) and str(v) != ""]
-    if _is_missing(value):
+        return [str(v) for v in value if not is_missing(v) and str(v) != ""]
+    if is_missing(value):
         return []
     if isinstance(value, str):
         return [part for part in (p.strip() for p in value.split("|")) if part]
@@ -178,7 +175,7 @@ def _normalize_feature(feature: FeatureDef, column: pd.Series, source: str) -> l
         )
     if feature.kind == "bucket":
         numbers = pd.to_numeric(column, errors="coerce")
-        missing_before = np.array([_is_missing(v) or (isinstance(v, str) and v.strip() == "") for v in values])
+        missing_before = np.array([is_missing(v) or (isinstance(v, str) and v.strip() == "") for v in values])
         bad_numbers = np.flatnonzero(numbers.isna().to_numpy() & ~missing_before)
         if len(bad_numbers):
             raise CatalogError(
@@ -186,7 +183,7 @@ def _normalize_feature(feature: FeatureDef, column: pd.Series, source: str) -> l
             )
         return numbers.astype(np.float64)
     # Categorical and prefix features: the very text `FeatureDef.tokens` derives from the raw value.
-    return [None if _is_missing(v) else str(v).strip() or None for v in values]
+    return [None if is_missing(v) else str(v).strip() or None for v in values]
 
 
 def normalize_catalog(frame: pd.DataFrame, spec: FeatureSpec, source: str = "catalog") -> pd.DataFrame:
@@ -215,7 +212,7 @@ def normalize_catalog(frame: pd.DataFrame, spec: FeatureSpec, source: str = "cat
 def _canonical(value: Any) -> str:
     if _is_sequence(value):
         return "[" + "\x1f".join(map(str, value)) + "]"
-    if _is_missing(value):
+    if is_missing(value):
         return "\x00"
     return str(value)
 
@@ -268,7 +265,7 @@ def user_queries(loaded: LoadedModel, max_users: int = RECALL_QUERIES, seed: int
         users = users.iloc[rows]
     spec, vocabs = loaded.model.spec, loaded.model.vocabs
     histories = (
-        [[] if _is_missing(h) else [str(i) for i in h] for h in users["history"]]
+        [[] if is_missing(h) else [str(i) for i in h] for h in users["history"]]
         if "history" in users.columns
         else [[] for _ in range(len(users))]
     )
