@@ -462,7 +462,9 @@ def _tune(
         if value >= target:
             best = (dict(fixed), value)
     else:
-        lo = 0  # largest value known to fail
+        # largest value known to fail; an HNSW search with efSearch < k can return fewer than k items (padded
+        # with -1), so bisection never goes below k there
+        lo = k - 1 if name == "efSearch" else 0
         for value_p in sorted(set(grid)):
             r = recall(**fixed, **{name: value_p})
             if r >= target:

@@ -53,13 +53,21 @@ class TrainConfig:
     negatives: Literal["uniform", "popularity"] = "uniform"  # triplet, bpr
     logq: bool = True  # softmax: logQ correction
     uniform_negatives: int = 0  # softmax: extra negative columns drawn uniformly from the catalog
-    history_keep: float = 0.5  # fraction of a user's items shown as history; the rest are the batch's positives
+    # fraction of a user's items shown as history; the rest are the batch's positives. MovieLens 100K split seed 0,
+    # validation NDCG@10: 0.2 -> 0.2017, 0.3 -> 0.2021, 0.4 -> 0.2008, 0.5 -> 0.2003, 0.7 -> 0.1973 (seed 1: 0.3
+    # 0.2005 vs 0.5 0.1990)
+    history_keep: float = 0.3
     id_dropout: float = 0.1  # chance an example's user/item id is replaced by "unknown" (trains cold start)
     feature_dropout: float = 0.0  # chance each of a user's features is replaced by "unknown" (regularises them)
     val_fraction: float = 0.1
     patience: int = 5  # validation passes without improvement before stopping
     seed: int = 0
     max_seconds: float | None = None
+    # after early stopping picks the epoch count on the fit rows, retrain from scratch on ALL training rows
+    # (validation slice included) for that many epochs; vocabularies then come from all training rows. Judged on
+    # validation by nesting (fit on the 90% fit rows with and without refit, score their 10% slice), MovieLens
+    # 100K split seed 0: 0.1979 -> 0.1989 (history_keep 0.3), 0.1956 -> 0.1968 (0.5). Doubles training time.
+    refit: bool = True
     tower: TowerConfig = field(default_factory=TowerConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,8 +307,24 @@ def fit(dataset: Dataset, train: pd.DataFrame, config: TrainConfig, progress: bo
             break
     bar.close()
     model.load_state_dict(best[2])
+    if config.refit:
+        model = _refit(dataset, train, config, best[1] + 1, progress)
     model.eval()
     return FitResult(model, curves, best[1] + 1, time.perf_counter() - started)
+
+
+def _refit(dataset: Dataset, train: pd.DataFrame, config: TrainConfig, epochs: int, progress: bool) -> TwoTower:
+    """A fresh model trained on every training row for `epochs` epochs (no validation left to stop on)."""
+    set_seed(config.seed)
+    data = TrainingData(dataset, train)
+    model = TwoTower(dataset.spec, data.vocabs, config.tower)
+    trainer = Trainer(model, data, config)
+    model.train()
+    for _ in tqdm(range(epochs), desc=f"refit {config.loss}", unit="epoch", disable=not progress):
+        order = trainer.rng.permutation(len(data))
+        for start in range(0, len(data), config.batch_size):
+            trainer.step(order[start : start + config.batch_size])
+    return model
 
 
 def evaluate(model: TwoTower, dataset: Dataset, train: pd.DataFrame, test: pd.DataFrame) -> RankingMetrics:
