@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -110,30 +111,28 @@ class TrainingData:
     """The fit rows prepared once: vocabularies, the encoded catalog, and each user's items and raw features."""
 
     def __init__(self, dataset: Dataset, fit: pd.DataFrame) -> None:
-        self.dataset = dataset
         spec = dataset.spec
         fit_users = sorted(set(fit.user_id))
         fit_items = sorted(set(fit.item_id))
         user_rows = dataset.users.reindex(fit_users)
         item_rows = dataset.items.reindex(fit_items)
+        self.user_features = {f.name: user_rows[f.name].tolist() for f in spec.user_features if f.name in user_rows}
         # Vocabularies from the training split only: no popularity or id leaks from held-out rows.
         self.vocabs = build_vocabularies(
             spec,
             fit_users,
             fit_items,
-            {f.name: user_rows[f.name].tolist() for f in spec.user_features if f.name in user_rows},
+            self.user_features,
             {f.name: item_rows[f.name].tolist() for f in spec.item_features if f.name in item_rows},
         )
         self.catalog_ids = np.array(dataset.items.index, dtype=object)
         self.items = encode_catalog(self.vocabs, dataset)
         self.user_ids = fit_users
-        self.user_features = {f.name: user_rows[f.name].tolist() for f in spec.user_features if f.name in user_rows}
         item_pos = {item: i for i, item in enumerate(self.catalog_ids)}
         hist = histories(fit)
         # Catalog positions of each user's items, newest first (the order histories are kept in).
         self.user_items = [np.array([item_pos[i] for i in hist[u]], dtype=np.int64) for u in fit_users]
         self.item_counts = np.bincount(fit.item_id.map(item_pos), minlength=len(self.catalog_ids)).astype(np.float64)
-        self.rows = len(fit)
         # Ids and features encoded once (histories are drawn per batch): (users,) and (users, width) arrays.
         self.users = encode_users(spec, self.vocabs, fit_users, self.user_features, [[] for _ in fit_users])
         # (users, catalog) sparse: does user u have item i among its training items (accidental-hit masks).
@@ -241,6 +240,18 @@ class Trainer:
         self.optimizer.step()
         return loss.item()
 
+    def epoch(self, on_step: Callable[[], object] | None = None) -> list[float]:
+        """One pass over the users in a random order, `batch_size` users per step; returns the step losses."""
+        model, size = self.model, self.config.batch_size
+        model.train()
+        order = self.rng.permutation(len(self.data))
+        losses = []
+        for start in range(0, len(order), size):
+            losses.append(self.step(order[start : start + size]))
+            if on_step is not None:
+                on_step()
+        return losses
+
     def _log_q(self, columns: np.ndarray, positives: int, uniform: int) -> torch.Tensor:
         """log P(item is among the columns): the batch's positives are `positives` draws in proportion to training
         frequency and `uniform` more are uniform over the N items seen in training; columns are distinct items, so
@@ -279,11 +290,7 @@ def fit(dataset: Dataset, train: pd.DataFrame, config: TrainConfig, progress: bo
     bar = tqdm(total=config.epochs * steps, desc=f"train {config.loss}", unit="step", disable=not progress)
     losses: list[float] = []
     for epoch in range(config.epochs):
-        model.train()
-        order = trainer.rng.permutation(len(data))
-        for start in range(0, len(data), config.batch_size):
-            losses.append(trainer.step(order[start : start + config.batch_size]))
-            bar.update(1)
+        losses += trainer.epoch(on_step=lambda: bar.update(1))
         if (epoch + 1) % config.eval_every and epoch + 1 != config.epochs:
             continue
         val = validation.score(embed_users(model, val_users), embed_items(model, data.items))
@@ -319,11 +326,8 @@ def _refit(dataset: Dataset, train: pd.DataFrame, config: TrainConfig, epochs: i
     data = TrainingData(dataset, train)
     model = TwoTower(dataset.spec, data.vocabs, config.tower)
     trainer = Trainer(model, data, config)
-    model.train()
     for _ in tqdm(range(epochs), desc=f"refit {config.loss}", unit="epoch", disable=not progress):
-        order = trainer.rng.permutation(len(data))
-        for start in range(0, len(data), config.batch_size):
-            trainer.step(order[start : start + config.batch_size])
+        trainer.epoch()
     return model
 
 
