@@ -47,7 +47,9 @@ def _limit_blas_threads(n: int) -> None:
 def build_services(settings: Settings) -> Services:
     """The service objects of one app, all cheap to construct; nothing starts until the lifespan runs."""
     metrics = Metrics()
-    retriever = Retriever(settings.artifacts, user_tower=settings.user_tower)
+    # The retriever remembers what it derived from cached user records: as many as the cache holds, none without it.
+    memo_size = settings.user_cache_size if settings.user_cache_seconds > 0 else 0
+    retriever = Retriever(settings.artifacts, user_tower=settings.user_tower, memo_size=memo_size)
     store = FeatureStore(
         settings.redis_url,
         data_dir=settings.data_dir,
@@ -55,6 +57,8 @@ def build_services(settings: Settings) -> Services:
         max_history=settings.max_history,
         timeout=settings.redis_timeout,
         on_error=lambda operation: metrics.store_errors.labels(operation).inc(),
+        cache_seconds=settings.user_cache_seconds,
+        cache_size=settings.user_cache_size,
     )
     services: Services
 

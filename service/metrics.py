@@ -9,6 +9,9 @@ Exposed at GET /metrics:
     twotower_events_total                                         events written to the store
     twotower_store_errors_total{operation}                        failed Redis calls
     twotower_store_up                                             1 when Redis answered the last call, else 0
+    twotower_user_cache_lookups_total{result}                     user reads served from the cache: hit / miss
+    twotower_user_cache_live                                      1 while the user cache serves (subscription up)
+    twotower_user_cache_users                                     users in the cache
     twotower_swaps_total{result}                                  model/index loads: ok / failed
     twotower_active_info{model_version,index_version}             the pair serving now
     twotower_index_items                                          items in the serving index
@@ -17,6 +20,7 @@ Exposed at GET /metrics:
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -24,6 +28,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.user_cache import UserCache
 
 # Single requests take ~1-20 ms; batches and exact fallbacks more. Buckets cover 1 ms .. 10 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -68,10 +74,24 @@ class Metrics:
             self.swaps.labels(result)  # export zeros, so rate() and alerts work before the first event
         self.store_errors.labels("get_users")
         self.store_errors.labels("record_events")
+        self.cache_lookups = Counter(
+            "twotower_user_cache_lookups", "User reads by where they were served from", ["result"], registry=r
+        )
+        self.cache_live = Gauge("twotower_user_cache_live", "1 while the user cache serves", registry=r)
+        self.cache_users = Gauge("twotower_user_cache_users", "Users in the cache", registry=r)
+        self._cache_counted = {"hit": 0, "miss": 0}
 
     def set_active(self, model_version: str, index_version: str, items: int) -> None:
         self.active.info({"model_version": model_version, "index_version": index_version})
         self.index_items.set(items)
+
+    def observe_cache(self, cache: UserCache[Any]) -> None:
+        """Copy the cache's own counts (kept without locks or calls on the request path) at scrape time."""
+        for result, total in (("hit", cache.hits), ("miss", cache.misses)):
+            self.cache_lookups.labels(result).inc(max(0, total - self._cache_counted[result]))
+            self._cache_counted[result] = total
+        self.cache_live.set(1 if cache.live else 0)
+        self.cache_users.set(len(cache))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

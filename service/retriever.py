@@ -9,9 +9,19 @@ serving.
 
 Request path (`recommend`): the SAME `training.features.encode_users` training used -> one user-tower forward
 for the whole batch (a numpy copy of the tower's weights built at load, `service.tower`; tested equal to the
-module) -> one index search for the whole batch, over-fetched so that k items survive the filters
-(seen items, explicit excludes, an item-attribute filter) -> for any row the over-fetch could not fill, exact
-search over exactly the items that pass its filters. The scores are the model's: dot(user, item).
+module) -> one index search per size class of the batch's rows (`_search`), each row over-fetched so that k
+items survive its filters (seen items, explicit excludes, an item-attribute filter) -> for any row the over-fetch
+could not fill, exact search over exactly the items that pass its filters. The scores are the model's:
+dot(user, item).
+
+Work that does not depend on the request is not redone per request:
+- a user the model knows nothing of (no features, no history, no known id) gets the pair's `cold_vector`,
+  computed at load;
+- a query that is exactly a stored user's record (`UserQuery.source`: the request added no features or
+  history) reuses what an earlier request derived from that same record object under the same pair: its user
+  vector and the index positions of its seen items. The store hands out the same object until the user changes
+  (its cache, service/user_cache.py, is invalidated on every write), so the reuse is exact, never stale: a
+  changed user comes back as a new object, and a new pair starts with an empty memo.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import re
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +57,9 @@ _VERSION_RE = re.compile(VERSION_PATTERN)
 OVERFETCH = 2.0
 # The batch's single search never asks for more candidates than this; rows it cannot fill go exact.
 MAX_FETCH = 4096
+# Known users whose vector and seen positions a pair remembers (oldest dropped first); the service sets it to
+# its user cache's size.
+MEMO_SIZE = 10_000
 # Items re-embedded at load to check that the index vectors are this model's item-tower outputs.
 PARITY_SAMPLE = 16
 PARITY_ATOL = 1e-4
@@ -131,6 +144,11 @@ class ServingPair:
     loaded_at: float
     # The user tower as served: a numpy copy of the weights (None: the torch module via `embed_users`).
     user_tower: NumpyUserTower | None = None
+    # The user vector of a user the model knows nothing of (no features, no history, no known id): one
+    # constant per pair, computed at load rather than per cold request.
+    cold_vector: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # user id -> what was derived from its stored record under this pair (see the module docstring)
+    memo: dict[str, _Derived] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def model_version(self) -> str:
@@ -145,6 +163,17 @@ class ServingPair:
         if self.user_tower is not None:
             return self.user_tower(users)
         return embed_users(self.model.model, users)
+
+
+_NO_POSITIONS = np.zeros(0, dtype=np.int64)
+_EMPTY_SCORES = np.zeros(0, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class _Derived:
+    source: object  # the stored record these were computed from (compared by identity)
+    vector: np.ndarray  # (D,) the user tower's output
+    seen: np.ndarray  # index positions of the record's history and seen items
 
 
 @dataclass(frozen=True)
@@ -162,6 +191,9 @@ class UserQuery:
     stored: bool = False  # the store had data for this user
     # Feature names the caller sent: these must be the model's (422 otherwise); stored extras are ignored.
     given_features: Collection[str] = ()
+    # The stored record this query's features, history and seen items are, unchanged (None when the request
+    # added any): what was derived from it may be reused while the store returns the same object.
+    source: object | None = None
 
 
 @dataclass(frozen=True)
@@ -193,13 +225,18 @@ class Retriever:
         overfetch: float = OVERFETCH,
         max_fetch: int = MAX_FETCH,
         user_tower: Literal["numpy", "torch"] = "numpy",
+        memo_size: int = MEMO_SIZE,
     ) -> None:
-        if overfetch < 1 or max_fetch < 1:
-            raise ValueError(f"need overfetch >= 1 and max_fetch >= 1, got {overfetch} and {max_fetch}")
+        if overfetch < 1 or max_fetch < 1 or memo_size < 0:
+            raise ValueError(
+                f"need overfetch >= 1, max_fetch >= 1 and memo_size >= 0, got {overfetch}, {max_fetch}, {memo_size}"
+            )
         self.artifacts = ArtifactStore(Path(artifacts_root))
         self.overfetch = overfetch
         self.max_fetch = max_fetch
         self.user_tower = user_tower
+        self.memo_size = memo_size
+        self._memo_lock = threading.Lock()  # the batch endpoint runs in threads: evictions must not interleave
         self._pair: ServingPair | None = None
         self._load_lock = threading.Lock()  # one load at a time; serving never takes it
 
@@ -272,7 +309,9 @@ class Retriever:
         index.positions_of([])  # builds the id -> position map now rather than on the first request
         model.model.eval()  # once, here: serving never trains
         tower = NumpyUserTower(model.model.user_tower) if self.user_tower == "numpy" else None
-        return ServingPair(model, index, index_version, manifest, attributes, time.time(), tower)
+        pair = ServingPair(model, index, index_version, manifest, attributes, time.time(), tower)
+        cold_vector = self._embed(pair, [UserQuery()])[0]
+        return replace(pair, cold_vector=cold_vector)
 
     @staticmethod
     def _item_table(index_dir: Path, model: LoadedModel) -> pd.DataFrame:
@@ -290,14 +329,13 @@ class Retriever:
     # ---- serving
 
     def recommend(self, queries: Sequence[UserQuery]) -> list[Recommendation]:
-        """Top-k for each query: one tower forward and one index search for the whole batch (plus exact search
+        """Top-k for each query: one tower forward and one index search per size class (plus exact search
         for rows whose filters the over-fetch could not fill). Raises InvalidInputError located at
         `(query_index, field...)` for input the loaded model cannot take."""
         pair = self.pair  # read once: the whole batch runs on this pair
         if not queries:
             return []
-        model, index = pair.model.model, pair.index
-        spec, vocabs = model.spec, model.vocabs
+        index, vocabs = pair.index, pair.model.model.vocabs
         known_features = set(pair.user_feature_names)
         for i, q in enumerate(queries):
             unknown = sorted(set(q.given_features) - known_features)
@@ -308,36 +346,48 @@ class Retriever:
                     unknown[0],
                 )
 
-        encoded = encode_users(
-            spec,
-            vocabs,
-            [q.user_id for q in queries],
-            {name: [q.features.get(name) for q in queries] for name in known_features},
-            [list(q.history) for q in queries],
-        )
-        vectors = pair.embed_users(encoded)  # (B, D)
+        derived = [self._reused(pair, q) for q in queries]
+        todo = [i for i, d in enumerate(derived) if d is None]
+        if len(todo) == len(queries):
+            vectors = self._embed(pair, queries)  # (B, D)
+        else:
+            vectors = np.empty((len(queries), index.dim), dtype=np.float32)
+            for i, d in enumerate(derived):
+                if d is not None:
+                    vectors[i] = d.vector
+            if todo:
+                vectors[todo] = self._embed(pair, [queries[i] for i in todo])
+        for i in todo:
+            q = queries[i]
+            if q.source is not None and q.user_id is not None and self.memo_size:
+                seen = np.array(_known(index.positions_of(list({*q.history, *q.seen}))), dtype=np.int64)
+                derived[i] = self._remember(pair, q, vectors[i].copy(), seen)
 
         n = len(index)
-        plans: list[tuple[set[int], np.ndarray | None, int]] = []  # excluded positions, filter mask, wanted
-        fetch = 1
+        plans: list[tuple[set[int], np.ndarray | None, int, int]] = []  # excluded, filter mask, wanted, fetch
         for i, q in enumerate(queries):
-            excluded_ids = set(q.exclude) | ({*q.history, *q.seen} if q.exclude_seen else set())
-            excluded = {int(p) for p in index.positions_of(list(excluded_ids)) if p >= 0}
+            d = derived[i]
+            if d is not None:
+                excluded = set(d.seen.tolist()) if q.exclude_seen else set()
+                if q.exclude:
+                    excluded.update(_known(index.positions_of(list(q.exclude))))
+            else:
+                excluded_ids = set(q.exclude) | ({*q.history, *q.seen} if q.exclude_seen else set())
+                excluded = set(_known(index.positions_of(list(excluded_ids))))
             try:
                 mask = pair.attributes.mask(q.filter) if q.filter else None
             except InvalidInputError as e:
                 raise e.at(i) from e
             allowed_fraction = 1.0 if mask is None else max(float(mask.mean()), 1.0 / n)
             factor = 1.0 if mask is None else self.overfetch / allowed_fraction
-            plans.append((excluded, mask, q.k))
-            fetch = max(fetch, math.ceil((q.k + len(excluded)) * factor))
-        fetch = min(fetch, n, max(self.max_fetch, max(q.k for q in queries)))
-        scores, positions = index.search(vectors, fetch)  # (B, fetch), (B, fetch): ONE search for the batch
+            fetch = min(math.ceil((q.k + len(excluded)) * factor), n, max(self.max_fetch, q.k))
+            plans.append((excluded, mask, q.k, fetch))
+        found = self._search(index, vectors, [plan[3] for plan in plans])
 
         out: list[Recommendation] = []
         for i, q in enumerate(queries):
-            excluded, mask, k = plans[i]
-            row_pos, row_scores = positions[i], scores[i]
+            excluded, mask, k, fetch = plans[i]
+            row_scores, row_pos = found[i]
             picked: list[tuple[int, float]] = []
             for p, s in zip(row_pos.tolist(), row_scores.tolist(), strict=True):
                 if p < 0:
@@ -371,6 +421,55 @@ class Retriever:
             )
         return out
 
+    @staticmethod
+    def _search(index: ItemIndex, vectors: np.ndarray, fetches: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(scores, positions) of each row's top `fetches[row]` items. Rows are searched together, in one index
+        search per size class (fetch rounded up to a power of two): a search's cost grows with its k, and a
+        known user excluding 200 seen items must not make a whole batch of cold users fetch 210."""
+        classes: dict[int, list[int]] = {}
+        for row, fetch in enumerate(fetches):
+            classes.setdefault((fetch - 1).bit_length(), []).append(row)
+        found: list[tuple[np.ndarray, np.ndarray]] = [(_EMPTY_SCORES, _NO_POSITIONS)] * len(fetches)
+        for rows in classes.values():
+            scores, positions = index.search(vectors[rows], max(fetches[row] for row in rows))
+            for j, row in enumerate(rows):
+                found[row] = scores[j, : fetches[row]], positions[j, : fetches[row]]
+        return found
+
+    @staticmethod
+    def _embed(pair: ServingPair, queries: Sequence[UserQuery]) -> np.ndarray:
+        """(B, D) user vectors: the SAME encoding training used, then the served user tower."""
+        model = pair.model.model
+        encoded = encode_users(
+            model.spec,
+            model.vocabs,
+            [q.user_id for q in queries],
+            {name: [q.features.get(name) for q in queries] for name in pair.user_feature_names},
+            [list(q.history) for q in queries],
+        )
+        return pair.embed_users(encoded)
+
+    @staticmethod
+    def _reused(pair: ServingPair, query: UserQuery) -> _Derived | None:
+        if not query.features and not query.history and not query.seen and pair.cold_vector is not None:
+            model = pair.model.model
+            if not model.config.use_user_id or query.user_id is None or query.user_id not in model.vocabs.user_ids:
+                return _Derived(None, pair.cold_vector, _NO_POSITIONS)  # the tower's input is all "unknown"
+        if query.source is None or query.user_id is None:
+            return None
+        derived = pair.memo.get(query.user_id)
+        return derived if derived is not None and derived.source is query.source else None
+
+    def _remember(self, pair: ServingPair, query: UserQuery, vector: np.ndarray, seen: np.ndarray) -> _Derived:
+        assert query.user_id is not None
+        derived = _Derived(query.source, vector, seen)
+        memo = pair.memo
+        with self._memo_lock:
+            if query.user_id not in memo and len(memo) >= self.memo_size:
+                del memo[next(iter(memo))]  # the oldest entry
+            memo[query.user_id] = derived
+        return derived
+
     def similar(self, item_id: str, k: int) -> SimilarItems:
         """The k items whose index vectors have the largest inner product with `item_id`'s, itself excluded."""
         pair = self.pair
@@ -386,6 +485,11 @@ class Retriever:
             model_version=pair.model_version,
             index_version=pair.index_version,
         )
+
+
+def _known(positions: np.ndarray) -> list[int]:
+    """The positions of ids the index holds (`positions_of` gives -1 for the others), as Python ints."""
+    return positions[positions >= 0].tolist()
 
 
 def _path(query: UserQuery, user_vocab: Vocabulary) -> RecommendationPath:

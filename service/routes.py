@@ -19,7 +19,7 @@ from dataclasses import asdict
 from json.encoder import encode_basestring_ascii
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -51,8 +51,13 @@ admin = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
 def _query(request: RecommendRequest, stored: StoredUser | None, max_history: int) -> UserQuery:
     """Merge what the store holds with what the request carries: request features override stored ones, the
     request's history (most recent) goes before the stored one, each item once."""
-    features = {**(stored.features if stored else {}), **request.features}
-    history = list(dict.fromkeys([*request.history, *(stored.history if stored else [])]))[:max_history]
+    source: StoredUser | None = None
+    if stored is not None and not request.features and not request.history:
+        # Most known users: the stored record as it is, which the retriever may recognise (`UserQuery.source`).
+        features, history, source = stored.features, stored.history[:max_history], stored
+    else:
+        features = {**(stored.features if stored else {}), **request.features}
+        history = list(dict.fromkeys([*request.history, *(stored.history if stored else [])]))[:max_history]
     return UserQuery(
         user_id=request.user_id,
         features=features,
@@ -64,6 +69,7 @@ def _query(request: RecommendRequest, stored: StoredUser | None, max_history: in
         filter={name: frozenset(values) for name, values in request.filter.items()} if request.filter else None,
         stored=stored is not None,
         given_features=frozenset(request.features),
+        source=source,
     )
 
 
@@ -159,8 +165,11 @@ async def recommend_batched(services: Services, requests: Sequence[RecommendRequ
 
 
 @router.post("/v1/recommendations", tags=["recommendations"], response_model=RecommendResponse)
-async def recommend(body: RecommendRequest, services: ServicesDep) -> Response:
+async def recommend(body: RecommendRequest, request: Request) -> Response:
     """Top-k items for one user (known user, features only, or cold start)."""
+    # What `ServicesDep` returns, read directly: resolving a sub-dependency cost this hot route more than the
+    # user tower does (docs/performance.md).
+    services: Services = request.app.state.services
     check_limits(services, body)
     if body.filter:
         [response] = await _recommend(services, [body], batch=False)
@@ -241,6 +250,7 @@ async def readyz(services: ServicesDep, watcher: WatcherDep) -> JSONResponse:
 async def metrics(metrics: MetricsDep, store: StoreDep) -> Response:
     """Prometheus exposition."""
     metrics.store_up.set(1 if store.health.status == "ok" else 0)
+    metrics.observe_cache(store.cache)
     return Response(metrics.render(), media_type=metrics.content_type)
 
 

@@ -22,6 +22,8 @@ own; the `twotower serve` / `load-features` commands build it from flags and the
 | TWOTOWER_BATCH_MAX           | 32          | most concurrent recommendation requests served as one batch; 1: none |
 | TWOTOWER_BATCH_WAIT_MS       | 0           | extra wait (ms) for a batch to fill; 0: batch only what is queued |
 | TWOTOWER_USER_TOWER          | numpy       | user tower at serving: numpy copy of the weights, or torch module |
+| TWOTOWER_USER_CACHE_SECONDS  | 30          | per-process user cache (invalidated on writes) expiry; 0: off  |
+| TWOTOWER_USER_CACHE_SIZE     | 10000       | most users cached per process (~25 KiB each at 200 items)      |
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class Settings(BaseSettings):
     batch_max: int = Field(default=32, ge=1, le=1024, description="micro-batch size limit; 1 disables batching")
     batch_wait_ms: float = Field(default=0.0, ge=0, le=100, description="wait for a micro-batch to fill (ms)")
     user_tower: Literal["numpy", "torch"] = Field(default="numpy", description="serving user tower")
+    user_cache_seconds: float = Field(
+        default=30.0, ge=0, le=86_400, description="user cache expiry (s), a backstop to invalidation; 0 disables"
+    )
+    user_cache_size: int = Field(default=10_000, ge=0, le=100_000_000, description="most users cached per process")
 
     @field_validator("redis_url", "admin_token", mode="before")
     @classmethod

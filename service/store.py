@@ -14,16 +14,23 @@ Keys, all under the configured prefix (default "twotower:"):
     {prefix}active_index              string  the published index version (written by the re-index job for
                                               operators; services follow pub/sub and the ACTIVE_INDEX file)
     {prefix}index_published           channel the re-index job PUBLISHes the new index version here
+    {prefix}users_changed             channel every write here PUBLISHes the JSON list of user ids it touched,
+                                              in the same MULTI/pipeline: service processes evict those users
+                                              from their `UserCache` (service/user_cache.py)
 
 Health: every call updates `health` (ok / degraded with the error). A failed call raises
 `StoreUnavailableError` and nothing it wrote is acknowledged. After a failure, calls fail fast for a second
 rather than each waiting out a timeout; then the next call (or any `ping`, as /readyz does) tries Redis again,
 and the first that succeeds marks the store ok: it recovers by itself when Redis comes back (the client
 reconnects on demand).
+
+Reads go through a per-process `UserCache` when one is configured (`cache_seconds > 0`, the service's default):
+`start()` then also follows `{prefix}users_changed`, and the cache serves only while that subscription is up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -48,6 +55,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from service.errors import StoreUnavailableError
+from service.user_cache import UserCache
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,8 @@ NOT_STARTED = "not started"
 # After a failed call, further calls fail fast for this long (probes excepted) rather than each waiting out the
 # connect timeout; the first call after it tries Redis again.
 OUTAGE_BACKOFF_SECONDS = 1.0
+# Pause before re-subscribing to `users_changed` after the subscription failed (the cache is bypassed meanwhile).
+RESUBSCRIBE_SECONDS = 1.0
 # Longest unix socket path the kernel accepts is 107 bytes (sun_path); beyond it the embedded server listens on
 # a loopback TCP port instead.
 _MAX_UNIX_SOCKET_PATH = 100
@@ -308,6 +318,8 @@ class FeatureStore:
         max_history: int = 200,
         timeout: float = 0.5,
         on_error: Callable[[str], None] | None = None,
+        cache_seconds: float = 0.0,
+        cache_size: int = 10_000,
     ) -> None:
         if max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {max_history}")
@@ -321,6 +333,8 @@ class FeatureStore:
         self._get_users_script: AsyncScript | None = None
         self._health = StoreHealth("degraded", self.backend, NOT_STARTED)
         self._retry_at = 0.0
+        self.cache: UserCache[StoredUser] = UserCache(cache_seconds, cache_size)
+        self._follower: asyncio.Task[None] | None = None
 
     # ---- lifecycle and health
 
@@ -335,6 +349,10 @@ class FeatureStore:
     @property
     def channel(self) -> str:
         return f"{self.prefix}index_published"
+
+    @property
+    def users_channel(self) -> str:
+        return f"{self.prefix}users_changed"
 
     @property
     def client(self) -> aioredis.Redis:
@@ -361,8 +379,15 @@ class FeatureStore:
             retry=Retry(ConstantBackoff(0.01), 1),
         )
         await self.ping()
+        if self.cache.enabled:
+            self._follower = asyncio.create_task(self._follow_changes(), name="twotower-users-changed")
 
     async def close(self) -> None:
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
         client, self._client = self._client, None
         self._get_users_script = None
         if client is not None:
@@ -420,12 +445,20 @@ class FeatureStore:
     # ---- reads
 
     async def get_users(self, user_ids: Sequence[str]) -> dict[str, StoredUser]:
-        """Stored features and history of each user, in ONE command (a server-side script doing HGETALL + LRANGE
-        per user); users without data are absent. One command instead of a two-command pipeline per user: the
-        client-side cost per command (not Redis) was most of a request's Redis time, see docs/performance.md."""
-        unique = list(dict.fromkeys(user_ids))
-        if not unique:
-            return {}
+        """Stored features, history and seen items of each user; users without data are absent. Served from the
+        cache where it holds the user, otherwise read from Redis (and cached)."""
+        found, missing = self.cache.lookup(list(dict.fromkeys(user_ids)))
+        if not missing:
+            return found
+        with self.cache.reading() as keep:
+            read = await self._read_users(missing)
+            keep({user_id: read.get(user_id) for user_id in missing})
+        return {**found, **read} if found else read
+
+    async def _read_users(self, unique: Sequence[str]) -> dict[str, StoredUser]:
+        """Read `unique` users from Redis in ONE command (a server-side script doing HGETALL + LRANGE + SMEMBERS
+        per user). One command instead of a pipeline per user: the client-side cost per command (not Redis) was
+        most of a request's Redis time, see docs/performance.md."""
         keys = [
             key
             for user_id in unique
@@ -454,16 +487,21 @@ class FeatureStore:
         StoreUnavailableError (and nothing is written) if Redis fails."""
         if not events:
             return 0
-        async with self._call("record_events"):
-            pipe = self.client.pipeline(transaction=True)  # MULTI/EXEC: all events or none
-            for user_id, item_id in events:
-                key = self.history_key(user_id)
-                pipe.lrem(key, 0, item_id)
-                pipe.lpush(key, item_id)
-                pipe.sadd(self.seen_key(user_id), item_id)
-            for user_id in dict.fromkeys(u for u, _ in events):
-                pipe.ltrim(self.history_key(user_id), 0, self.max_history - 1)
-            await pipe.execute()
+        users = list(dict.fromkeys(u for u, _ in events))
+        try:
+            async with self._call("record_events"):
+                pipe = self.client.pipeline(transaction=True)  # MULTI/EXEC: all events or none
+                for user_id, item_id in events:
+                    key = self.history_key(user_id)
+                    pipe.lrem(key, 0, item_id)
+                    pipe.lpush(key, item_id)
+                    pipe.sadd(self.seen_key(user_id), item_id)
+                for user_id in users:
+                    pipe.ltrim(self.history_key(user_id), 0, self.max_history - 1)
+                pipe.publish(self.users_channel, json.dumps(users))  # delivered at EXEC, with the writes
+                await pipe.execute()
+        finally:  # even when the outcome is unknown (a reply lost after EXEC), the cached copies may be stale
+            self.cache.invalidate(users)
         return len(events)
 
     async def load_users(
@@ -484,6 +522,7 @@ class FeatureStore:
 
         async def flush() -> None:
             nonlocal written
+            users = [user_id for user_id, _, _ in batch]
             async with self._call("load_users"):
                 pipe = self.client.pipeline(transaction=False)
                 for user_id, features, history in batch:
@@ -494,7 +533,9 @@ class FeatureStore:
                     if history:
                         pipe.rpush(self.history_key(user_id), *history[: self.max_history])
                         pipe.sadd(self.seen_key(user_id), *history)
+                pipe.publish(self.users_channel, json.dumps(users))  # after this chunk's writes, same connection
                 await pipe.execute()
+            self.cache.invalidate(users)
             written += len(batch)
             if on_progress is not None:
                 on_progress(len(batch))
@@ -514,6 +555,45 @@ class FeatureStore:
 
     def pubsub(self) -> PubSub:
         return self.client.pubsub(ignore_subscribe_messages=True)
+
+    async def _follow_changes(self) -> None:
+        """Evict the users each `users_changed` message names. The cache serves only between the confirmation
+        of the SUBSCRIBE (reads sent after it are ordered after it in Redis) and the first failure; then it is
+        emptied and bypassed until a new subscription is confirmed."""
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.users_channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        self.cache.set_live(True)
+                        log.info("user cache live (%.0f s, %d users at most)", self.cache.ttl, self.cache.max_entries)
+                    elif message["type"] == "message":
+                        try:
+                            self.cache.invalidate(_user_ids(message["data"]))
+                        except ValueError as e:  # not ours to read: forget everything rather than guess
+                            log.warning("unreadable users_changed message (%s); user cache emptied", e)
+                            self.cache.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis down: never serve what may have been missed meanwhile
+                if self.cache.live:
+                    log.warning("user cache off until users_changed is followed again (%s: %s)", type(e).__name__, e)
+            finally:
+                self.cache.set_live(False)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(RESUBSCRIBE_SECONDS)
+
+
+def _user_ids(data: Any) -> list[str]:
+    ids = json.loads(data)
+    if not isinstance(ids, list):
+        raise ValueError(f"users_changed carries a JSON list of user ids, got {type(ids).__name__}")
+    return [str(user_id) for user_id in ids]
 
 
 async def load_users_into_redis(

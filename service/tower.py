@@ -31,18 +31,26 @@ from training.model import UserTower
 NORMALIZE_EPS = 1e-12
 
 
+def _padding_zeroed(table: np.ndarray) -> np.ndarray:
+    """A copy of a pooled table whose row 0 (padding, never part of a mean) is zero, so sums may include it."""
+    table = table.copy()
+    table[0] = 0.0
+    return table
+
+
 def _pooled_mean(table: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """(B, E) mean of `table` rows over each row of (B, L) `index`, zeros left out; all-zero rows give zeros."""
-    mask = index != 0  # (B, L)
-    counts = mask.sum(axis=1)  # (B,)
-    out = np.zeros((index.shape[0], table.shape[1]), dtype=np.float32)  # (B, E)
-    present = np.flatnonzero(counts)
-    if present.size == 0:
-        return out
-    rows = table[index[mask]]  # (sum(counts), E): only the real entries, whatever the padded width
-    starts = np.concatenate(([0], np.cumsum(counts[present])[:-1]))
-    out[present] = np.add.reduceat(rows, starts, axis=0) / counts[present, None].astype(np.float32)
-    return out
+    """(B, E) mean of `table` rows over each row of (B, L) `index`, zeros left out; all-zero rows give zeros.
+
+    `table` has a zero row 0 (`_padding_zeroed`), so the sum over a row's entries needs no mask: only the
+    count does. Columns after the last non-zero one (the padding of short histories) are cut off first: a
+    request's history is usually far shorter than the padded width, and this runs once per request."""
+    used = np.flatnonzero(index.any(axis=0))  # columns holding any entry
+    if used.size == 0:
+        return np.zeros((index.shape[0], table.shape[1]), dtype=np.float32)
+    index = index[:, : used[-1] + 1]
+    counts = np.count_nonzero(index, axis=1)  # (B,)
+    sums = table[index].sum(axis=1)  # (B, E)
+    return sums / np.maximum(counts, 1)[:, None].astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -61,12 +69,14 @@ class NumpyUserTower:
             assert isinstance(parameter, nn.Parameter)
             return np.ascontiguousarray(parameter.detach().cpu().numpy(), dtype=np.float32)
 
-        self.history = array(tower.history.weight)  # (I, E)
+        self.history = _padding_zeroed(array(tower.history.weight))  # (I, E)
         self.user_id = array(tower.user_id.weight) if tower.user_id is not None else None  # (U, E)
-        self.features = tuple(
-            _Feature(name, array(table.weight), tower.features.multi[name])
-            for name, table in tower.features.tables.items()
-        )
+        features = []
+        for name, table in tower.features.tables.items():
+            multi = tower.features.multi[name]  # multi-valued: pooled like history; single: row 0 = unknown
+            weights = array(table.weight)
+            features.append(_Feature(name, _padding_zeroed(weights) if multi else weights, multi))
+        self.features = tuple(features)
         layers: list[tuple[np.ndarray, np.ndarray]] = []
         for module in tower.mlp:
             if isinstance(module, nn.Linear):

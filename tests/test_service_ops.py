@@ -243,17 +243,23 @@ def test_metrics_expose_latency_paths_versions_and_swaps(
         client.post("/v1/recommendations", json={"k": 3})
         client.post("/v1/recommendations", json={"k": 0})
         client.get("/v1/items/i1/similar")
+        wait_until(lambda: client.app.state.services.store.cache.live)  # type: ignore[attr-defined]
+        client.post("/v1/recommendations", json={"user_id": "nobody", "k": 3})  # read from Redis, cached absent
+        client.post("/v1/recommendations", json={"user_id": "nobody", "k": 3})  # from the cache
         text = client.get("/metrics").text
         assert client.get("/metrics").headers["content-type"].startswith("text/plain")
     assert (
-        'twotower_http_request_duration_seconds_count{method="POST",route="/v1/recommendations",status="200"} 1.0'
+        'twotower_http_request_duration_seconds_count{method="POST",route="/v1/recommendations",status="200"} 3.0'
         in text
     )
     assert 'route="/v1/recommendations",status="422"' in text
     assert 'route="/v1/items/{item_id}/similar",status="200"' in text
-    assert 'twotower_recommendations_total{degraded="false",path="cold_start"} 1.0' in text
+    assert 'twotower_recommendations_total{degraded="false",path="cold_start"} 3.0' in text
     assert f'twotower_active_info{{index_version="{index_version}",model_version="{model_version}"}} 1.0' in text
     assert 'twotower_swaps_total{result="ok"} 1.0' in text
     assert 'twotower_swaps_total{result="failed"} 0.0' in text
     assert "twotower_store_errors_total" in text
     assert "twotower_index_items 300.0" in text
+    assert 'twotower_user_cache_lookups_total{result="hit"} 1.0' in text
+    assert 'twotower_user_cache_lookups_total{result="miss"} 1.0' in text
+    assert "twotower_user_cache_live 1.0" in text

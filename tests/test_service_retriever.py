@@ -89,3 +89,32 @@ def test_a_filter_the_over_fetch_cannot_fill_falls_back_to_exact_search_over_mat
         )
         assert result.item_ids == [item for item, _ in expected]
         assert result.scores == pytest.approx([score for _, score in expected], rel=1e-4, abs=1e-5)
+
+
+def test_a_stored_record_seen_again_reuses_its_vector_and_seen_items_and_a_changed_one_does_not(
+    trained_model: LoadedModel, tmp_path: Path
+) -> None:
+    serving_root(trained_model, tmp_path)
+    retriever = Retriever(tmp_path)
+    pair = retriever.load()
+    users = trained_model.users()
+    user_id = str(users.index[3])
+    history = [str(i) for i in users.loc[user_id, "history"]]
+    features = {"segment": users.loc[user_id, "segment"], "region": users.loc[user_id, "region"]}
+    record = object()  # stands for the store's StoredUser: only its identity matters to the retriever
+
+    def ask(source: object | None, history: list[str], exclude: frozenset[str] = frozenset()) -> list[str]:
+        query = UserQuery(user_id, features, history, k=10, exclude=exclude, stored=True, source=source)
+        return retriever.recommend([query])[0].item_ids
+
+    plain = ask(None, history)
+    assert ask(record, history) == plain  # computed and remembered
+    assert pair.memo[user_id].source is record
+    remembered = pair.memo[user_id]
+    assert ask(record, history) == plain and pair.memo[user_id] is remembered  # reused, same answer
+    assert ask(record, history, exclude=frozenset(plain[:2])) == ask(None, history, exclude=frozenset(plain[:2]))
+    changed = [plain[0], *history]  # the user consumed the top item: the store returns a NEW record
+    assert ask(object(), changed) == ask(None, changed) != plain
+    assert pair.memo[user_id] is not remembered
+    expected = brute_force(trained_model, user_id=user_id, features=features, history=changed, k=10, exclude=changed)
+    assert ask(pair.memo[user_id].source, changed) == [item for item, _ in expected]

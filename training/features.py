@@ -116,6 +116,11 @@ class Vocabulary:
     def lookup(self, token: str) -> int:
         return self._index.get(token, UNKNOWN)
 
+    def lookup_list(self, tokens: Iterable[Any]) -> list[int]:
+        """Indices of `tokens` (each taken as its str), as a list: the per-request path's form."""
+        get = self._index.get
+        return [get(str(t), UNKNOWN) for t in tokens]
+
     def lookup_many(self, tokens: Iterable[str]) -> np.ndarray:
         index = self._index
         return np.fromiter((index.get(t, UNKNOWN) for t in tokens), dtype=np.int64)
@@ -224,9 +229,9 @@ def encode_users(
     `histories[i]` is user i's item ids newest first. Unknown anything maps to index 0."""
     n = len(user_ids)
     history = np.zeros((n, spec.max_history), dtype=np.int64)
-    lookup = vocabs.item_ids.lookup
+    lookup = vocabs.item_ids.lookup_list
     for row, items in enumerate(histories):
-        idx = [lookup(str(item)) for item in items[: spec.max_history]]
+        idx = lookup(items[: spec.max_history])
         history[row, : len(idx)] = idx
     return EncodedUsers(
         ids=vocabs.user_ids.lookup_many("" if u is None else str(u) for u in user_ids),

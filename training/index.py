@@ -254,6 +254,7 @@ class ItemIndex:
         self.exact_scores = _returns_exact_scores(index)
         self.params: dict[str, int] = {}
         self._positions: dict[str, int] | None = None
+        self._dim = int(index.d)  # read per search: a SWIG attribute read costs microseconds
         defaults: dict[str, int] = {} if self.exact_scores else {"k_factor": DEFAULT_K_FACTOR}
         if self.search_param == "nprobe":
             defaults["nprobe"] = int(faiss.extract_index_ivf(index).nprobe)
@@ -264,7 +265,7 @@ class ItemIndex:
 
     @property
     def dim(self) -> int:
-        return int(self.index.d)
+        return self._dim
 
     def __len__(self) -> int:
         return len(self.item_ids)
