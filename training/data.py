@@ -660,7 +660,10 @@ def _csv_shape_error(path: Path, error: Exception) -> DataFormatError:
     return DataFormatError(f"{path}: {error}")
 
 
-def _read_table(path: Path) -> _Table:
+def read_table(path: Path) -> _Table:
+    """A `.csv` or `.parquet` table as read: CSV cells as text (empty = missing, so "007" stays "007"), blank
+    lines skipped and counted, a row of the wrong width reported by file and line (`DataFormatError`); a Parquet
+    table written with its id as the index gets it back as a column. Shared with the re-index job's catalogs."""
     if path.suffix.lower() == ".parquet":
         try:
             frame = pd.read_parquet(path)
@@ -724,8 +727,15 @@ def _table_weights(table: _Table, column: str) -> np.ndarray:
     return numbers.astype(np.float32)
 
 
-def _as_values(raw: Any) -> list[str]:
-    if isinstance(raw, list | tuple | np.ndarray):
+def is_list(value: Any) -> bool:
+    """A cell holding several values (a Parquet list column reads as numpy arrays)."""
+    return isinstance(value, list | tuple | np.ndarray)
+
+
+def multi_values(raw: Any) -> list[str]:
+    """A multi-valued cell as its values: a list as it is, a '|'-separated string (CSV) split; missing and
+    empty values dropped. The one reading of such cells, for training tables and the re-index job's catalogs."""
+    if is_list(raw):
         return [str(v) for v in raw if not is_missing(v) and str(v) != ""]
     if is_missing(raw):
         return []
@@ -751,7 +761,7 @@ def _infer_feature(name: str, column: pd.Series, source: Path) -> tuple[FeatureD
         log.info("%s: column %r has no values; not used as a feature", source, name)
         return None, list(column)
     if any(isinstance(v, list | tuple | np.ndarray) or (isinstance(v, str) and "|" in v) for v in present):
-        lists = [_as_values(v) for v in column]
+        lists = [multi_values(v) for v in column]
         width = max(1, *(len(v) for v in lists))
         return FeatureDef(name, "multi", max_values=min(width, MAX_MULTI_VALUES)), lists
     numbers = pd.to_numeric(column, errors="coerce").astype(np.float64)
@@ -769,7 +779,7 @@ def _infer_feature(name: str, column: pd.Series, source: Path) -> tuple[FeatureD
 
 def _read_feature_table(path: Path, id_columns: Sequence[str]) -> tuple[pd.DataFrame, list[FeatureDef]]:
     """A users or items table: indexed by `id_columns[0]` (str ids), one normalized column per feature."""
-    table = _read_table(path)
+    table = read_table(path)
     id_column = table.require(id_columns)
     index = pd.Index(_table_ids(table, id_column).to_numpy(dtype=object), name=id_columns[0], dtype=object)
     raw = table.frame.drop(columns=[id_column]).set_axis(index, axis=0)
@@ -801,7 +811,7 @@ def load_interactions(path: Path) -> Dataset:
     source = path if path.is_file() else _beside(path, "interactions")
     if source is None:
         raise DataFormatError(f"{path}: no interactions.csv or interactions.parquet")
-    table = _read_table(source)
+    table = read_table(source)
     user_column = table.require(("user_id", "user"))
     item_column = table.require(("item_id", "item"))
     users_ids, item_ids = _table_ids(table, user_column), _table_ids(table, item_column)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from training import artifacts
 from training.artifacts import INDEX_ITEMS, ArtifactError, ArtifactStore, LoadedModel, load_model
-from training.data import is_missing
+from training.data import DataFormatError, is_list, is_missing, multi_values, read_table
 from training.features import FeatureDef, FeatureSpec, encode_items, encode_users
 from training.index import build_index, choose_recipe, save_index
 from training.model import TwoTower, embed_items, embed_users
@@ -78,28 +78,15 @@ class CatalogError(ValueError):
 
 
 def read_catalog(path: str | Path) -> pd.DataFrame:
-    """An items table from a `.parquet` or `.csv` file, as read (validation is `normalize_catalog`'s job).
-
-    CSV cells are read as text (empty cells as missing), so ids keep their spelling ("007" stays "007")."""
+    """An items table from a `.parquet` or `.csv` file, as read (validation is `normalize_catalog`'s job);
+    read by the same reader as the training tables (`training.data.read_table`)."""
     path = Path(path)
-    suffix = path.suffix.lower()
     if not path.is_file():
         raise CatalogError(f"catalog file {path} does not exist")
     try:
-        if suffix == ".parquet":
-            frame = pd.read_parquet(path)
-            if not isinstance(frame.index, pd.RangeIndex) or frame.index.name is not None:
-                frame = frame.reset_index()  # written with its id as the index
-            return frame
-        if suffix == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
-    except (ValueError, OSError, UnicodeDecodeError) as e:  # ArrowInvalid / ParserError are ValueErrors
-        raise CatalogError(f"{path}: not a readable {suffix[1:]} table: {e}") from e
-    raise CatalogError(f"{path}: expected a .parquet or .csv catalog file, got {suffix or 'no extension'!r}")
-
-
-def _is_sequence(value: Any) -> bool:
-    return isinstance(value, list | tuple | np.ndarray)
+        return read_table(path).frame.reset_index(drop=True)
+    except DataFormatError as e:
+        raise CatalogError(str(e)) from e
 
 
 def _rows(positions: Sequence[int] | np.ndarray) -> str:
@@ -123,8 +110,8 @@ def _item_ids(frame: pd.DataFrame, source: str) -> tuple[pd.Index, pd.DataFrame]
     missing = [i for i, v in enumerate(values) if is_missing(v) or (isinstance(v, str) and v.strip() == "")]
     if missing:
         raise CatalogError(f"{source}: item_id is missing (empty, NaN or None) in {_rows(missing)}")
-    if any(_is_sequence(v) for v in values):
-        bad = [i for i, v in enumerate(values) if _is_sequence(v)]
+    if any(is_list(v) for v in values):
+        bad = [i for i, v in enumerate(values) if is_list(v)]
         raise CatalogError(f"{source}: item_id must be a single value, found a list in {_rows(bad)}")
     # Integer ids stored as floats (a Parquet column written from floats) must read "7", not "7.0".
     ids = [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in values]
@@ -142,16 +129,10 @@ def _item_ids(frame: pd.DataFrame, source: str) -> tuple[pd.Index, pd.DataFrame]
 
 
 def _multi_values(value: Any) -> list[str] | None:
-    """A multi-valued cell as a list of str (as the training loaders read it); None when it is not list-like."""
-    if _is_sequence(value):
-        if isinstance(value, np.ndarray) and value.ndim != 1:
-            return None
-        return [str(v) for v in value if not is_missing(v) and str(v) != ""]
-    if is_missing(value):
-        return []
-    if isinstance(value, str):
-        return [part for part in (p.strip() for p in value.split("|")) if part]
-    return None
+    """A multi-valued cell's values (`training.data.multi_values`); None when the cell is not list-like."""
+    if is_list(value):
+        return multi_values(value) if np.ndim(value) == 1 else None
+    return multi_values(value) if isinstance(value, str) or is_missing(value) else None
 
 
 def _normalize_feature(feature: FeatureDef, column: pd.Series, source: str) -> list[Any] | pd.Series:
@@ -168,7 +149,7 @@ def _normalize_feature(feature: FeatureDef, column: pd.Series, source: str) -> l
                 f"(CSV), found {type(values[bad[0]]).__name__} {values[bad[0]]!r} in {_rows(bad)}"
             )
         return lists
-    bad = [i for i, v in enumerate(values) if _is_sequence(v)]
+    bad = [i for i, v in enumerate(values) if is_list(v)]
     if bad:
         raise CatalogError(
             f"{source}: column {name!r} takes one value per item, found a list {values[bad[0]]!r} in {_rows(bad)}"
@@ -210,7 +191,7 @@ def normalize_catalog(frame: pd.DataFrame, spec: FeatureSpec, source: str = "cat
 
 
 def _canonical(value: Any) -> str:
-    if _is_sequence(value):
+    if is_list(value):
         return "[" + "\x1f".join(map(str, value)) + "]"
     if is_missing(value):
         return "\x00"
