@@ -174,6 +174,10 @@ class _Derived:
     source: object  # the stored record these were computed from (compared by identity)
     vector: np.ndarray  # (D,) the user tower's output
     seen: np.ndarray  # index positions of the record's history and seen items
+    # k -> how many candidates the search had to return for k of them to survive the seen items: the same
+    # vector searched again returns the same candidates, so asking for just these gives the same answer
+    # without paying for k + len(seen) (measured: k = 210 cost 35-45 µs more than k = 10 per query)
+    fetch: dict[int, int] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -364,7 +368,9 @@ class Retriever:
                 derived[i] = self._remember(pair, q, vectors[i].copy(), seen)
 
         n = len(index)
-        plans: list[tuple[set[int], np.ndarray | None, int, int]] = []  # excluded, filter mask, wanted, fetch
+        # excluded positions, filter mask, wanted, fetch, and the memo entry whose fetch this row reads and sets
+        # (only when exactly its record's seen items are left out)
+        plans: list[tuple[set[int], np.ndarray | None, int, int, _Derived | None]] = []
         for i, q in enumerate(queries):
             d = derived[i]
             if d is not None:
@@ -381,21 +387,26 @@ class Retriever:
             allowed_fraction = 1.0 if mask is None else max(float(mask.mean()), 1.0 / n)
             factor = 1.0 if mask is None else self.overfetch / allowed_fraction
             fetch = min(math.ceil((q.k + len(excluded)) * factor), n, max(self.max_fetch, q.k))
-            plans.append((excluded, mask, q.k, fetch))
+            memo = d if d is not None and q.exclude_seen and not q.exclude and mask is None else None
+            if memo is not None:
+                fetch = memo.fetch.get(q.k, fetch)
+            plans.append((excluded, mask, q.k, fetch, memo))
         found = self._search(index, vectors, [plan[3] for plan in plans])
 
         out: list[Recommendation] = []
         for i, q in enumerate(queries):
-            excluded, mask, k, fetch = plans[i]
+            excluded, mask, k, fetch, memo = plans[i]
             row_scores, row_pos = found[i]
             picked: list[tuple[int, float]] = []
-            for p, s in zip(row_pos.tolist(), row_scores.tolist(), strict=True):
+            for rank, (p, s) in enumerate(zip(row_pos.tolist(), row_scores.tolist(), strict=True), start=1):
                 if p < 0:
                     break
                 if p in excluded or (mask is not None and not mask[p]):
                     continue
                 picked.append((p, s))
                 if len(picked) == k:
+                    if memo is not None:
+                        memo.fetch.setdefault(k, rank)
                     break
             # The search saw every item only if it fetched the whole catalog and returned it all.
             complete = fetch >= n and bool((row_pos >= 0).all())

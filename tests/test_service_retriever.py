@@ -103,14 +103,19 @@ def test_a_stored_record_seen_again_reuses_its_vector_and_seen_items_and_a_chang
     features = {"segment": users.loc[user_id, "segment"], "region": users.loc[user_id, "region"]}
     record = object()  # stands for the store's StoredUser: only its identity matters to the retriever
 
-    def ask(source: object | None, history: list[str], exclude: frozenset[str] = frozenset()) -> list[str]:
-        query = UserQuery(user_id, features, history, k=10, exclude=exclude, stored=True, source=source)
+    def ask(
+        source: object | None, history: list[str], exclude: frozenset[str] = frozenset(), exclude_seen: bool = True
+    ) -> list[str]:
+        query = UserQuery(user_id, features, history, history, 10, exclude, exclude_seen, stored=True, source=source)
         return retriever.recommend([query])[0].item_ids
 
     plain = ask(None, history)
+    assert ask(record, history, exclude_seen=False) == ask(None, history, exclude_seen=False)
     assert ask(record, history) == plain  # computed and remembered
     assert pair.memo[user_id].source is record
     remembered = pair.memo[user_id]
+    # how many candidates it took for 10 to survive the seen items: far fewer than 10 + all of them
+    assert 10 <= remembered.fetch[10] < 10 + len(remembered.seen)
     assert ask(record, history) == plain and pair.memo[user_id] is remembered  # reused, same answer
     assert ask(record, history, exclude=frozenset(plain[:2])) == ask(None, history, exclude=frozenset(plain[:2]))
     changed = [plain[0], *history]  # the user consumed the top item: the store returns a NEW record
