@@ -1,8 +1,7 @@
 """`MicroBatcher`: gathers concurrent requests on the event loop and processes them as ONE batch.
 
-Used by the `POST /v1/recommendations` route: one Redis read, one user-tower forward and one index search (per
-fetch size class) serve every request that arrived while the previous batch was busy, instead of one of each
-per request.
+Used by the `POST /v1/recommendations` route: one Redis read, one user-tower forward and one index search
+serve every request that arrived while the previous batch was busy, instead of one of each per request.
 
 How a batch forms (no timer at low load, so a lone request pays nothing for batching):
 - the first request that finds the batcher idle becomes the leader: it yields to the loop once (requests

@@ -9,10 +9,10 @@ serving.
 
 Request path (`recommend`): the SAME `training.features.encode_users` training used -> one user-tower forward
 for the whole batch (a numpy copy of the tower's weights built at load, `service.tower`; tested equal to the
-module) -> one index search per size class of the batch's rows (`_search`), each row over-fetched so that k
-items survive its filters (seen items, explicit excludes, an item-attribute filter) -> for any row the over-fetch
-could not fill, exact search over exactly the items that pass its filters. The scores are the model's:
-dot(user, item).
+module) -> one index search for the whole batch, as deep as its deepest row needs, each row over-fetched so
+that k items survive its filters (seen items, explicit excludes, an item-attribute filter) -> for any row the
+over-fetch could not fill, exact search over exactly the items that pass its filters. The scores are the
+model's: dot(user, item).
 
 Work that does not depend on the request is not redone per request:
 - a user the model knows nothing of (no features, no history, no known id) gets the pair's `cold_vector`,
@@ -166,7 +166,6 @@ class ServingPair:
 
 
 _NO_POSITIONS = np.zeros(0, dtype=np.int64)
-_EMPTY_SCORES = np.zeros(0, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -333,7 +332,7 @@ class Retriever:
     # ---- serving
 
     def recommend(self, queries: Sequence[UserQuery]) -> list[Recommendation]:
-        """Top-k for each query: one tower forward and one index search per size class (plus exact search
+        """Top-k for each query: one tower forward and one index search for the whole batch (plus exact search
         for rows whose filters the over-fetch could not fill). Raises InvalidInputError located at
         `(query_index, field...)` for input the loaded model cannot take."""
         pair = self.pair  # read once: the whole batch runs on this pair
@@ -391,12 +390,15 @@ class Retriever:
             if memo is not None:
                 fetch = memo.fetch.get(q.k, fetch)
             plans.append((excluded, mask, q.k, fetch, memo))
-        found = self._search(index, vectors, [plan[3] for plan in plans])
+        # ONE search for the batch, as deep as its deepest row needs. Splitting the batch by depth was measured
+        # slower (1M items, batch 12: 82 µs vs 75 µs per query): each search pays the coarse quantizer again.
+        fetch = max(plan[3] for plan in plans)
+        scores, positions = index.search(vectors, fetch)  # (B, fetch), (B, fetch)
 
         out: list[Recommendation] = []
         for i, q in enumerate(queries):
-            excluded, mask, k, fetch, memo = plans[i]
-            row_scores, row_pos = found[i]
+            excluded, mask, k, _, memo = plans[i]
+            row_scores, row_pos = scores[i], positions[i]
             picked: list[tuple[int, float]] = []
             for rank, (p, s) in enumerate(zip(row_pos.tolist(), row_scores.tolist(), strict=True), start=1):
                 if p < 0:
@@ -431,21 +433,6 @@ class Retriever:
                 )
             )
         return out
-
-    @staticmethod
-    def _search(index: ItemIndex, vectors: np.ndarray, fetches: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(scores, positions) of each row's top `fetches[row]` items. Rows are searched together, in one index
-        search per size class (fetch rounded up to a power of two): a search's cost grows with its k, and a
-        known user excluding 200 seen items must not make a whole batch of cold users fetch 210."""
-        classes: dict[int, list[int]] = {}
-        for row, fetch in enumerate(fetches):
-            classes.setdefault((fetch - 1).bit_length(), []).append(row)
-        found: list[tuple[np.ndarray, np.ndarray]] = [(_EMPTY_SCORES, _NO_POSITIONS)] * len(fetches)
-        for rows in classes.values():
-            scores, positions = index.search(vectors[rows], max(fetches[row] for row in rows))
-            for j, row in enumerate(rows):
-                found[row] = scores[j, : fetches[row]], positions[j, : fetches[row]]
-        return found
 
     @staticmethod
     def _embed(pair: ServingPair, queries: Sequence[UserQuery]) -> np.ndarray:
