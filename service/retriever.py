@@ -15,13 +15,15 @@ over-fetch could not fill, exact search over exactly the items that pass its fil
 model's: dot(user, item).
 
 Work that does not depend on the request is not redone per request:
-- a user the model knows nothing of (no features, no history, no known id) gets the pair's `cold_vector`,
-  computed at load;
+- a user the model knows nothing of (no features, no history, no known id) is the pair's `cold` user: one
+  vector computed at load, and one top-k per k, computed by the first such request;
 - a query that is exactly a stored user's record (`UserQuery.source`: the request added no features or
   history) reuses what an earlier request derived from that same record object under the same pair: its user
-  vector and the index positions of its seen items. The store hands out the same object until the user changes
-  (its cache, service/user_cache.py, is invalidated on every write), so the reuse is exact, never stale: a
-  changed user comes back as a new object, and a new pair starts with an empty memo.
+  vector, the index positions of its seen items and, when it asks for nothing beyond leaving those out, its
+  top-k. The store hands out the same object until the user changes (its cache, service/user_cache.py, is
+  invalidated on every write), so the reuse is exact, never stale: a changed user comes back as a new object,
+  and a new pair starts with an empty memo. The answer is the same one the search would give: the same
+  vector, the same excluded items and the same index return the same candidates.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ MAX_FETCH = 4096
 # Known users whose vector and seen positions a pair remembers (oldest dropped first); the service sets it to
 # its user cache's size.
 MEMO_SIZE = 10_000
+# Answers remembered per record: up to this many distinct k, each at most this deep (bounds the memo's memory:
+# 10,000 users x 2 x 100 items x 12 bytes = 24 MB at worst; k = 10 costs 120 bytes per user).
+MEMO_ANSWERS = 2
+MEMO_MAX_K = 100
 # Items re-embedded at load to check that the index vectors are this model's item-tower outputs.
 PARITY_SAMPLE = 16
 PARITY_ATOL = 1e-4
@@ -144,9 +150,9 @@ class ServingPair:
     loaded_at: float
     # The user tower as served: a numpy copy of the weights (None: the torch module via `embed_users`).
     user_tower: NumpyUserTower | None = None
-    # The user vector of a user the model knows nothing of (no features, no history, no known id): one
-    # constant per pair, computed at load rather than per cold request.
-    cold_vector: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # A user the model knows nothing of (no features, no history, no known id): one vector per pair, computed
+    # at load rather than per cold request, and its answers (None until `Retriever.load` sets it).
+    cold: _Derived | None = field(default=None, compare=False, repr=False)
     # user id -> what was derived from its stored record under this pair (see the module docstring)
     memo: dict[str, _Derived] = field(default_factory=dict, compare=False, repr=False)
 
@@ -173,10 +179,17 @@ class _Derived:
     source: object  # the stored record these were computed from (compared by identity)
     vector: np.ndarray  # (D,) the user tower's output
     seen: np.ndarray  # index positions of the record's history and seen items
-    # k -> how many candidates the search had to return for k of them to survive the seen items: the same
-    # vector searched again returns the same candidates, so asking for just these gives the same answer
-    # without paying for k + len(seen) (measured: k = 210 cost 35-45 µs more than k = 10 per query)
-    fetch: dict[int, int] = field(default_factory=dict, compare=False)
+    # k -> the answer when exactly the seen items are left out and nothing else is asked (no excludes, no
+    # filter): the same vector searched in the same index gives the same one, so it is searched once. At 1M
+    # items a search costs ~300 µs at recall 0.95 (docs/performance.md), most of a request's own work.
+    answers: dict[int, _Answer] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    item_ids: tuple[str, ...]
+    scores: np.ndarray  # (k,) float32
+    exact_fallback: bool
 
 
 @dataclass(frozen=True)
@@ -314,7 +327,7 @@ class Retriever:
         tower = NumpyUserTower(model.model.user_tower) if self.user_tower == "numpy" else None
         pair = ServingPair(model, index, index_version, manifest, attributes, time.time(), tower)
         cold_vector = self._embed(pair, [UserQuery()])[0]
-        return replace(pair, cold_vector=cold_vector)
+        return replace(pair, cold=_Derived(None, cold_vector, _NO_POSITIONS))
 
     @staticmethod
     def _item_table(index_dir: Path, model: LoadedModel) -> pd.DataFrame:
@@ -367,11 +380,16 @@ class Retriever:
                 derived[i] = self._remember(pair, q, vectors[i].copy(), seen)
 
         n = len(index)
-        # excluded positions, filter mask, wanted, fetch, and the memo entry whose fetch this row reads and sets
-        # (only when exactly its record's seen items are left out)
-        plans: list[tuple[set[int], np.ndarray | None, int, int, _Derived | None]] = []
+        # Per row, either its remembered answer or a plan: excluded positions, filter mask, fetch, and the memo
+        # entry that will remember the answer (only when exactly its record's seen items are left out).
+        answers: list[_Answer | None] = []
+        plans: dict[int, tuple[set[int], np.ndarray | None, int, _Derived | None]] = {}
         for i, q in enumerate(queries):
             d = derived[i]
+            memo = d if d is not None and q.exclude_seen and not q.exclude and not q.filter else None
+            answers.append(memo.answers.get(q.k) if memo is not None else None)
+            if answers[i] is not None:
+                continue
             if d is not None:
                 excluded = set(d.seen.tolist()) if q.exclude_seen else set()
                 if q.exclude:
@@ -386,53 +404,74 @@ class Retriever:
             allowed_fraction = 1.0 if mask is None else max(float(mask.mean()), 1.0 / n)
             factor = 1.0 if mask is None else self.overfetch / allowed_fraction
             fetch = min(math.ceil((q.k + len(excluded)) * factor), n, max(self.max_fetch, q.k))
-            memo = d if d is not None and q.exclude_seen and not q.exclude and mask is None else None
-            if memo is not None:
-                fetch = memo.fetch.get(q.k, fetch)
-            plans.append((excluded, mask, q.k, fetch, memo))
-        # ONE search for the batch, as deep as its deepest row needs. Splitting the batch by depth was measured
-        # slower (1M items, batch 12: 82 µs vs 75 µs per query): each search pays the coarse quantizer again.
-        fetch = max(plan[3] for plan in plans)
-        scores, positions = index.search(vectors, fetch)  # (B, fetch), (B, fetch)
+            plans[i] = (excluded, mask, fetch, memo if memo is not None and q.k <= MEMO_MAX_K else None)
+        if plans:
+            # ONE search for the rows without an answer, as deep as the deepest needs. Splitting them by depth
+            # was measured slower (1M items, batch 12: 82 µs vs 75 µs per query): each search pays the coarse
+            # quantizer again.
+            rows = list(plans)
+            fetch = max(plan[2] for plan in plans.values())
+            scores, positions = index.search(vectors if len(rows) == len(queries) else vectors[rows], fetch)
+            for row, i in enumerate(rows):
+                excluded, mask, _, memo = plans[i]
+                found = self._pick(index, vectors[i], scores[row], positions[row], fetch, queries[i].k, excluded, mask)
+                if memo is not None and len(memo.answers) < MEMO_ANSWERS:
+                    memo.answers.setdefault(queries[i].k, found)
+                answers[i] = found
 
         out: list[Recommendation] = []
-        for i, q in enumerate(queries):
-            excluded, mask, k, _, memo = plans[i]
-            row_scores, row_pos = scores[i], positions[i]
-            picked: list[tuple[int, float]] = []
-            for rank, (p, s) in enumerate(zip(row_pos.tolist(), row_scores.tolist(), strict=True), start=1):
-                if p < 0:
-                    break
-                if p in excluded or (mask is not None and not mask[p]):
-                    continue
-                picked.append((p, s))
-                if len(picked) == k:
-                    if memo is not None:
-                        memo.fetch.setdefault(k, rank)
-                    break
-            # The search saw every item only if it fetched the whole catalog and returned it all.
-            complete = fetch >= n and bool((row_pos >= 0).all())
-            fallback = len(picked) < k and not complete
-            if fallback:
-                allowed = np.ones(n, dtype=bool) if mask is None else mask.copy()
-                if excluded:
-                    allowed[np.fromiter(excluded, dtype=np.int64)] = False
-                subset = np.flatnonzero(allowed)
-                picked = []
-                if subset.size:
-                    exact_scores, exact_pos = index.exact_search_subset(vectors[i : i + 1], subset, k)
-                    picked = [(int(p), float(s)) for p, s in zip(exact_pos[0], exact_scores[0], strict=True) if p >= 0]
+        for q, answer in zip(queries, answers, strict=True):
+            assert answer is not None
             out.append(
                 Recommendation(
-                    item_ids=[index.item_ids[p] for p, _ in picked],
-                    scores=[float(s) for _, s in picked],
+                    item_ids=list(answer.item_ids),
+                    scores=answer.scores.tolist(),
                     path=_path(q, vocabs.user_ids),
                     model_version=pair.model_version,
                     index_version=pair.index_version,
-                    exact_fallback=fallback,
+                    exact_fallback=answer.exact_fallback,
                 )
             )
         return out
+
+    @staticmethod
+    def _pick(
+        index: ItemIndex,
+        vector: np.ndarray,
+        row_scores: np.ndarray,
+        row_positions: np.ndarray,
+        fetch: int,
+        k: int,
+        excluded: set[int],
+        mask: np.ndarray | None,
+    ) -> _Answer:
+        """The first k of one row's candidates that pass its filters; exact search over exactly the items that
+        pass them when the candidates run out before k."""
+        picked: list[tuple[int, float]] = []
+        for p, s in zip(row_positions.tolist(), row_scores.tolist(), strict=True):
+            if p < 0:
+                break
+            if p in excluded or (mask is not None and not mask[p]):
+                continue
+            picked.append((p, s))
+            if len(picked) == k:
+                break
+        n = len(index)
+        # The search saw every item only if it fetched the whole catalog and returned it all.
+        complete = fetch >= n and bool((row_positions >= 0).all())
+        fallback = len(picked) < k and not complete
+        if fallback:
+            allowed = np.ones(n, dtype=bool) if mask is None else mask.copy()
+            if excluded:
+                allowed[np.fromiter(excluded, dtype=np.int64)] = False
+            subset = np.flatnonzero(allowed)
+            picked = []
+            if subset.size:
+                exact_scores, exact_pos = index.exact_search_subset(vector[None, :], subset, k)
+                picked = [(int(p), float(s)) for p, s in zip(exact_pos[0], exact_scores[0], strict=True) if p >= 0]
+        return _Answer(
+            tuple(index.item_ids[p] for p, _ in picked), np.array([s for _, s in picked], dtype=np.float32), fallback
+        )
 
     @staticmethod
     def _embed(pair: ServingPair, queries: Sequence[UserQuery]) -> np.ndarray:
@@ -449,10 +488,10 @@ class Retriever:
 
     @staticmethod
     def _reused(pair: ServingPair, query: UserQuery) -> _Derived | None:
-        if not query.features and not query.history and not query.seen and pair.cold_vector is not None:
+        if not query.features and not query.history and not query.seen and pair.cold is not None:
             model = pair.model.model
             if not model.config.use_user_id or query.user_id is None or query.user_id not in model.vocabs.user_ids:
-                return _Derived(None, pair.cold_vector, _NO_POSITIONS)  # the tower's input is all "unknown"
+                return pair.cold  # the tower's input is all "unknown"
         if query.source is None or query.user_id is None:
             return None
         derived = pair.memo.get(query.user_id)

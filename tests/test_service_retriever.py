@@ -114,8 +114,7 @@ def test_a_stored_record_seen_again_reuses_its_vector_and_seen_items_and_a_chang
     assert ask(record, history) == plain  # computed and remembered
     assert pair.memo[user_id].source is record
     remembered = pair.memo[user_id]
-    # how many candidates it took for 10 to survive the seen items: far fewer than 10 + all of them
-    assert 10 <= remembered.fetch[10] < 10 + len(remembered.seen)
+    assert list(remembered.answers[10].item_ids) == plain  # its top-10: the next ask is answered without a search
     assert ask(record, history) == plain and pair.memo[user_id] is remembered  # reused, same answer
     assert ask(record, history, exclude=frozenset(plain[:2])) == ask(None, history, exclude=frozenset(plain[:2]))
     changed = [plain[0], *history]  # the user consumed the top item: the store returns a NEW record
@@ -123,3 +122,40 @@ def test_a_stored_record_seen_again_reuses_its_vector_and_seen_items_and_a_chang
     assert pair.memo[user_id] is not remembered
     expected = brute_force(trained_model, user_id=user_id, features=features, history=changed, k=10, exclude=changed)
     assert ask(pair.memo[user_id].source, changed) == [item for item, _ in expected]
+
+
+def test_cold_users_share_one_answer_per_k_and_a_mixed_batch_searches_only_the_rest(
+    trained_model: LoadedModel, tmp_path: Path
+) -> None:
+    serving_root(trained_model, tmp_path)
+    retriever = Retriever(tmp_path)
+    pair = retriever.load()
+    assert pair.cold is not None and not pair.cold.answers
+    cold = brute_force(trained_model, user_id=None, features={}, history=[], k=5)
+    first = retriever.recommend([UserQuery(k=5)])[0]
+    assert first.item_ids == [item for item, _ in cold] and first.path == "cold_start"
+    assert list(pair.cold.answers[5].item_ids) == first.item_ids  # remembered for every later cold user
+
+    users = trained_model.users()
+    user_id = str(users.index[5])
+    history = [str(i) for i in users.loc[user_id, "history"]]
+    features = {"segment": users.loc[user_id, "segment"], "region": users.loc[user_id, "region"]}
+    batch = [
+        UserQuery(k=5),  # answered from the pair's cold answer
+        UserQuery("someone-new", k=5, exclude=frozenset(first.item_ids[:2])),  # cold, but asks for more: searched
+        UserQuery(user_id, features, history, k=7, stored=True),  # no stored record: searched
+        UserQuery(k=3),  # cold at another k: searched once, then remembered too
+    ]
+    results = retriever.recommend(batch)
+    expected = [
+        cold,
+        brute_force(trained_model, user_id=None, features={}, history=[], k=5, exclude=first.item_ids[:2]),
+        brute_force(trained_model, user_id=user_id, features=features, history=history, k=7, exclude=history),
+        cold[:3],
+    ]
+    for result, want in zip(results, expected, strict=True):
+        assert result.item_ids == [item for item, _ in want]
+        assert result.scores == pytest.approx([score for _, score in want], rel=1e-4, abs=1e-5)
+    assert sorted(pair.cold.answers) == [3, 5]
+    results[0].item_ids.append("mutated")  # a caller's list is its own: the remembered answer is unchanged
+    assert retriever.recommend([UserQuery(k=5)])[0].item_ids == first.item_ids
