@@ -20,7 +20,7 @@ Exposed at GET /metrics:
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -29,6 +29,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.retriever import RecommendationPath
 from service.user_cache import UserCache
 
 # Single requests take ~1-20 ms; batches and exact fallbacks more. Buckets cover 1 ms .. 10 s.
@@ -59,6 +60,13 @@ class Metrics:
             ["path", "degraded"],
             registry=r,
         )
+        # Children resolved once: `labels()` takes a lock and builds its key on every call, and this counter is
+        # bumped once per answered user on the hot path.
+        self._recommended = {
+            (path, degraded): self.recommendations.labels(path, str(degraded).lower())
+            for path in get_args(RecommendationPath)
+            for degraded in (False, True)
+        }
         self.exact_fallbacks = Counter(
             "twotower_exact_fallbacks", "Rows filled by exact search after over-fetching fell short", registry=r
         )
@@ -80,6 +88,9 @@ class Metrics:
         self.cache_live = Gauge("twotower_user_cache_live", "1 while the user cache serves", registry=r)
         self.cache_users = Gauge("twotower_user_cache_users", "Users in the cache", registry=r)
         self._cache_counted = {"hit": 0, "miss": 0}
+
+    def count_recommendation(self, path: RecommendationPath, degraded: bool) -> None:
+        self._recommended[path, degraded].inc()
 
     def set_active(self, model_version: str, index_version: str, items: int) -> None:
         self.active.info({"model_version": model_version, "index_version": index_version})

@@ -89,7 +89,7 @@ async def _queries(services: Services, requests: Sequence[RecommendRequest]) -> 
 
 
 def _count(services: Services, result: Recommendation, degraded: bool) -> None:
-    services.metrics.recommendations.labels(result.path, str(degraded).lower()).inc()
+    services.metrics.count_recommendation(result.path, degraded)
     if result.exact_fallback:
         services.metrics.exact_fallbacks.inc()
 
