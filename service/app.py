@@ -63,6 +63,7 @@ def build_services(settings: Settings) -> Services:
     services: Services
 
     async def process(requests: Sequence[RecommendRequest]) -> list[bytes | BaseException]:
+        metrics.batch_requests.observe(len(requests))
         return await recommend_batched(services, requests)
 
     services = Services(

@@ -32,6 +32,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.retriever import RecommendationPath
 from service.user_cache import UserCache
 
+# Requests per micro-batch: up to TWOTOWER_BATCH_MAX (default 32, at most 1024).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Single requests take ~1-20 ms; batches and exact fallbacks more. Buckets cover 1 ms .. 10 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -67,6 +69,12 @@ class Metrics:
             for path in get_args(RecommendationPath)
             for degraded in (False, True)
         }
+        self.batch_requests = Histogram(
+            "twotower_batch_requests",
+            "Recommendation requests served together by one micro-batch (one store read, forward and search)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.exact_fallbacks = Counter(
             "twotower_exact_fallbacks", "Rows filled by exact search after over-fetching fell short", registry=r
         )

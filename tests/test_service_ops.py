@@ -255,6 +255,8 @@ def test_metrics_expose_latency_paths_versions_and_swaps(
     assert 'route="/v1/recommendations",status="422"' in text
     assert 'route="/v1/items/{item_id}/similar",status="200"' in text
     assert 'twotower_recommendations_total{degraded="false",path="cold_start"} 3.0' in text
+    # one request at a time: three batches of one (the 422 never reached the batcher)
+    assert 'twotower_batch_requests_bucket{le="1.0"} 3.0' in text and "twotower_batch_requests_count 3.0" in text
     assert f'twotower_active_info{{index_version="{index_version}",model_version="{model_version}"}} 1.0' in text
     assert 'twotower_swaps_total{result="ok"} 1.0' in text
     assert 'twotower_swaps_total{result="failed"} 0.0' in text
