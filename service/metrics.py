@@ -5,6 +5,7 @@ Exposed at GET /metrics:
 
     twotower_http_request_duration_seconds{method,route,status}   histogram (its _count: requests per route+status)
     twotower_recommendations_total{path,degraded}                 users answered, by path (known_user, ...)
+    twotower_batch_requests                                       histogram: requests served by each micro-batch
     twotower_exact_fallbacks_total                                rows the over-fetch could not fill (exact search)
     twotower_events_total                                         events written to the store
     twotower_store_errors_total{operation}                        failed Redis calls
