@@ -7,12 +7,12 @@ reference -> `recommend()` / `similar()` serve. Each call reads that reference o
 on the pair they started with while a new pair is swapped in; a load that fails raises and leaves the old pair
 serving.
 
-Request path (`recommend`): the SAME `training.features.encode_users` training used -> one user-tower forward
-for the whole batch (a numpy copy of the tower's weights built at load, `service.tower`; tested equal to the
-module) -> one index search for the whole batch, as deep as its deepest row needs, each row over-fetched so
-that k items survive its filters (seen items, explicit excludes, an item-attribute filter) -> for any row the
-over-fetch could not fill, exact search over exactly the items that pass its filters. The scores are the
-model's: dot(user, item).
+Request path (`recommend`), for the rows of a batch that nothing remembered answers (below): the SAME
+`training.features.encode_users` training used -> one user-tower forward (a numpy copy of the tower's weights
+built at load, `service.tower`; tested equal to the module) -> one index search, as deep as the deepest row
+needs, each row over-fetched so that k items survive its filters (seen items, explicit excludes, an
+item-attribute filter) -> for any row the over-fetch could not fill, exact search over exactly the items that
+pass its filters. The scores are the model's: dot(user, item).
 
 Work that does not depend on the request is not redone per request:
 - a user the model knows nothing of (no features, no history, no known id) is the pair's `cold` user: one
@@ -59,8 +59,8 @@ _VERSION_RE = re.compile(VERSION_PATTERN)
 OVERFETCH = 2.0
 # The batch's single search never asks for more candidates than this; rows it cannot fill go exact.
 MAX_FETCH = 4096
-# Known users whose vector and seen positions a pair remembers (oldest dropped first); the service sets it to
-# its user cache's size.
+# Known users whose vector, seen positions and answers a pair remembers (oldest dropped first); the service sets
+# it to its user cache's size.
 MEMO_SIZE = 10_000
 # Answers remembered per record: up to this many distinct k, each at most this deep (bounds the memo's memory:
 # 10,000 users x 2 x 100 items x 12 bytes = 24 MB at worst; k = 10 costs 120 bytes per user).
@@ -345,8 +345,8 @@ class Retriever:
     # ---- serving
 
     def recommend(self, queries: Sequence[UserQuery]) -> list[Recommendation]:
-        """Top-k for each query: one tower forward and one index search for the whole batch (plus exact search
-        for rows whose filters the over-fetch could not fill). Raises InvalidInputError located at
+        """Top-k for each query: one tower forward and one index search for the rows without a remembered answer
+        (plus exact search for rows whose filters the over-fetch could not fill). Raises InvalidInputError located at
         `(query_index, field...)` for input the loaded model cannot take."""
         pair = self.pair  # read once: the whole batch runs on this pair
         if not queries:

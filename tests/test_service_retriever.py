@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,6 +11,14 @@ from service.errors import NotReadyError
 from service.retriever import Retriever, UserQuery
 from tests.test_service_support import brute_force, copy_model, derived_model, publish_index, serving_root
 from training.artifacts import ArtifactError, ArtifactStore, LoadedModel, VersionMismatchError
+
+
+def trained_user(model: LoadedModel, row: int) -> tuple[str, dict[str, Any], list[str]]:
+    """The id, features and history of one of the model's training users."""
+    users = model.users()
+    user_id = str(users.index[row])
+    features = {"segment": users.loc[user_id, "segment"], "region": users.loc[user_id, "region"]}
+    return user_id, features, [str(i) for i in users.loc[user_id, "history"]]
 
 
 def test_retriever_is_cheap_to_build_and_not_ready_until_loaded(tmp_path: Path) -> None:
@@ -74,10 +83,8 @@ def test_a_filter_the_over_fetch_cannot_fill_falls_back_to_exact_search_over_mat
     # A small fetch budget makes over-fetching fall short, as a selective filter does on a large catalog.
     retriever = Retriever(tmp_path, max_fetch=12)
     retriever.load()
-    users, catalog = trained_model.users(), trained_model.catalog()
-    user_id = str(users.index[5])
-    history = [str(i) for i in users.loc[user_id, "history"]]
-    features = {"segment": users.loc[user_id, "segment"], "region": users.loc[user_id, "region"]}
+    catalog = trained_model.catalog()
+    user_id, features, history = trained_user(trained_model, 5)
     genres = sorted({g for values in catalog["genres"] for g in values})
     queries = [UserQuery(user_id, features, history, k=10, filter={"genres": {g}}, stored=True) for g in genres]
     results = retriever.recommend(queries)
@@ -97,10 +104,7 @@ def test_a_stored_record_seen_again_reuses_its_vector_and_seen_items_and_a_chang
     serving_root(trained_model, tmp_path)
     retriever = Retriever(tmp_path)
     pair = retriever.load()
-    users = trained_model.users()
-    user_id = str(users.index[3])
-    history = [str(i) for i in users.loc[user_id, "history"]]
-    features = {"segment": users.loc[user_id, "segment"], "region": users.loc[user_id, "region"]}
+    user_id, features, history = trained_user(trained_model, 3)
     record = object()  # stands for the store's StoredUser: only its identity matters to the retriever
 
     def ask(
@@ -136,10 +140,7 @@ def test_cold_users_share_one_answer_per_k_and_a_mixed_batch_searches_only_the_r
     assert first.item_ids == [item for item, _ in cold] and first.path == "cold_start"
     assert list(pair.cold.answers[5].item_ids) == first.item_ids  # remembered for every later cold user
 
-    users = trained_model.users()
-    user_id = str(users.index[5])
-    history = [str(i) for i in users.loc[user_id, "history"]]
-    features = {"segment": users.loc[user_id, "segment"], "region": users.loc[user_id, "region"]}
+    user_id, features, history = trained_user(trained_model, 5)
     batch = [
         UserQuery(k=5),  # answered from the pair's cold answer
         UserQuery("someone-new", k=5, exclude=frozenset(first.item_ids[:2])),  # cold, but asks for more: searched
