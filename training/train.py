@@ -130,23 +130,26 @@ class TrainingData:
         self.user_ids = fit_users
         item_pos = {item: i for i, item in enumerate(self.catalog_ids)}
         hist = histories(fit)
-        # Catalog positions of each user's items, newest first (the order histories are kept in).
-        self.user_items = [np.array([item_pos[i] for i in hist[u]], dtype=np.int64) for u in fit_users]
+        # Catalog positions of each user's items, newest first (the order histories are kept in), all users' lists
+        # end to end: user u's are flat_items[starts[u]:starts[u + 1]] (batches are cut from them vectorised).
+        lengths = np.array([len(hist[u]) for u in fit_users], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(lengths)])
+        self.flat_items = np.array([item_pos[i] for u in fit_users for i in hist[u]], dtype=np.int64)
         self.item_counts = np.bincount(fit.item_id.map(item_pos), minlength=len(self.catalog_ids)).astype(np.float64)
         # Ids and features encoded once (histories are drawn per batch): (users,) and (users, width) arrays.
         self.users = encode_users(spec, self.vocabs, fit_users, self.user_features, [[] for _ in fit_users])
         # (users, catalog) sparse: does user u have item i among its training items (accidental-hit masks).
-        lengths = [len(items) for items in self.user_items]
         self.owned = sp.csr_matrix(
-            (
-                np.ones(sum(lengths), dtype=bool),
-                (np.repeat(np.arange(len(fit_users)), lengths), np.concatenate(self.user_items)),
-            ),
+            (np.ones(len(self.flat_items), dtype=bool), self.flat_items, self.starts),
             shape=(len(fit_users), len(self.catalog_ids)),
         )
 
     def __len__(self) -> int:
         return len(self.user_ids)
+
+    def items_of(self, user: int) -> np.ndarray:
+        """User row `user`'s catalog positions, newest first."""
+        return self.flat_items[self.starts[user] : self.starts[user + 1]]
 
 
 @dataclass
@@ -179,18 +182,20 @@ class Trainer:
 
     def batch(self, users: np.ndarray) -> Batch:
         config, data = self.config, self.data
+        # The batch users' items end to end, with the batch row each belongs to; rows stay in order.
+        lengths = data.starts[users + 1] - data.starts[users]
+        row_of = np.repeat(np.arange(len(users)), lengths)
+        first = np.cumsum(lengths) - lengths  # where each row's items begin
+        items = data.flat_items[np.repeat(data.starts[users] - first, lengths) + np.arange(lengths.sum())]
+        keep = self.rng.random(len(items)) < config.history_keep
+        for row in np.flatnonzero(np.bincount(row_of, keep, len(users)) == lengths):
+            keep[first[row] + self.rng.integers(lengths[row])] = False  # every user keeps at least one positive
+        # History: the first `max_history` kept items of each row, in order (newest first).
+        kept = np.flatnonzero(keep)
+        rank = np.arange(len(kept)) - np.searchsorted(row_of[kept], row_of[kept])
+        shown = kept[rank < self.max_history]
         history = np.zeros((len(users), self.max_history), dtype=np.int64)
-        positives: list[np.ndarray] = []
-        owner: list[np.ndarray] = []
-        for row, user in enumerate(users):
-            items = data.user_items[user]
-            keep = self.rng.random(len(items)) < config.history_keep
-            if keep.all():  # every user contributes at least one positive
-                keep[self.rng.integers(len(items))] = False
-            shown = data.items.ids[items[keep][: self.max_history]]
-            history[row, : len(shown)] = shown
-            positives.append(items[~keep])
-            owner.append(np.full((~keep).sum(), row, dtype=np.int64))
+        history[row_of[shown], rank[rank < self.max_history]] = data.items.ids[items[shown]]
         # Ids are dropped to "unknown" at random so the unknown embedding learns what a cold user looks like.
         ids = np.where(self.rng.random(len(users)) >= config.id_dropout, data.users.ids[users], 0)
         features = {
@@ -198,7 +203,7 @@ class Trainer:
             for k, v in data.users.features.items()
         }
         encoded = EncodedUsers(ids, features, history)
-        return Batch(encoded, np.concatenate(positives), np.concatenate(owner))
+        return Batch(encoded, items[~keep], row_of[~keep])
 
     def item_batch(self, positions: np.ndarray) -> EncodedItems:
         items = self.data.items
