@@ -66,8 +66,8 @@ def rank_top_k(index: ItemIndex, user_vectors: np.ndarray, seen: Sequence[np.nda
     """(U, k) item positions ranked by the index, each user's `seen` positions excluded (-1 where fewer than k
     are left). A user's top k unseen items are among its top k + |seen|, so that depth is exact; it is fetched in
     two rounds, one deep enough for 90% of the users and a deeper one for the rows the first left short,
-    because FAISS takes one depth per call and the heaviest user would set it for everyone (4x slower on
-    MovieLens 100K)."""
+    because FAISS takes one depth per call and the heaviest user would set it for everyone (on MovieLens 100K a
+    depth of 610 for all users searched 3x slower than a depth of 100)."""
     vectors = np.ascontiguousarray(user_vectors, dtype=np.float32)
     counts = np.array([len(s) for s in seen], dtype=np.int64)
     top = np.full((len(vectors), k), -1, dtype=np.int64)
