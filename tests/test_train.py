@@ -27,9 +27,10 @@ def test_training_writes_curves_plot_beside_metrics(trained_model: LoadedModel) 
     assert (trained_model.directory / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_training_is_deterministic_given_a_seed(tiny_dataset: Dataset) -> None:
+@pytest.mark.parametrize("loss", ["softmax", "bpr", "triplet"])
+def test_training_is_deterministic_given_a_seed(tiny_dataset: Dataset, loss: str) -> None:
     train, _ = split_random(tiny_dataset.interactions, 0.2, seed=1)
-    config = TrainConfig(**{**TINY_CONFIG.__dict__, "epochs": 2})
+    config = TrainConfig(**{**TINY_CONFIG.__dict__, "epochs": 2, "loss": loss})
     first, second = (fit(tiny_dataset, train, config, progress=False).model.state_dict() for _ in range(2))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)

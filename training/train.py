@@ -234,12 +234,16 @@ class Trainer:
         else:
             negatives = self.sampler.sample(len(owner)).numpy()
             columns, inverse = np.unique(np.concatenate([batch.positives, negatives]), return_inverse=True)
-            vectors = model.items(self.item_batch(columns))[torch.from_numpy(inverse.astype(np.int64))]
-            positive, negative = vectors[: len(owner)], vectors[len(owner) :]  # (T, D) each
+            vectors = model.items(self.item_batch(columns))  # (C, D)
+            # index_select, not v[idx] nor slices of one gather: their backward passes add rows up 3-4x slower
+            rows = torch.from_numpy(inverse.astype(np.int64))
+            positive = torch.index_select(vectors, 0, rows[: len(owner)])  # (T, D)
+            negative = torch.index_select(vectors, 0, rows[len(owner) :])  # (T, D)
+            owners = torch.index_select(users, 0, owner)
             if config.loss == "bpr":
-                loss = bpr_loss(users[owner], positive, negative)
+                loss = bpr_loss(owners, positive, negative)
             else:
-                loss = triplet_loss(users[owner], positive, negative, config.margin)
+                loss = triplet_loss(owners, positive, negative, config.margin)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
