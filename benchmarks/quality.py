@@ -138,8 +138,8 @@ def ease(
     best_full = max(EASE_LAMBDAS, key=lambda lam: scored[lam][0].ndcg)
     best_rank = max(EASE_LAMBDAS, key=lambda lam: scored[lam][1].ndcg)
     log.info("EASE seed %d: λ %g (full rank), λ %g (rank %d)", seed, best_full, best_rank, rank)
-    lambdas = {"lambda": best_full, "lambda_rank": best_rank}
-    return score(train, test, best_full)[0], score(train, test, best_rank)[1], lambdas
+    final = {lam: score(train, test, lam) for lam in {best_full, best_rank}}  # usually one λ: solved once
+    return final[best_full][0], final[best_rank][1], {"lambda": best_full, "lambda_rank": best_rank}
 
 
 def run(dataset: Dataset, seeds: list[int], losses: list[str], with_als: bool) -> dict[str, Any]:

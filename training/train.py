@@ -239,11 +239,11 @@ class Trainer:
             rows = torch.from_numpy(inverse.astype(np.int64))
             positive = torch.index_select(vectors, 0, rows[: len(owner)])  # (T, D)
             negative = torch.index_select(vectors, 0, rows[len(owner) :])  # (T, D)
-            owners = torch.index_select(users, 0, owner)
+            owner_vectors = torch.index_select(users, 0, owner)  # (T, D)
             if config.loss == "bpr":
-                loss = bpr_loss(owners, positive, negative)
+                loss = bpr_loss(owner_vectors, positive, negative)
             else:
-                loss = triplet_loss(owners, positive, negative, config.margin)
+                loss = triplet_loss(owner_vectors, positive, negative, config.margin)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
