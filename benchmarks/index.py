@@ -36,7 +36,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import gc
-import json
 import math
 import resource
 import subprocess
@@ -52,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from training import artifacts
-from training.index import RecallTargetError, build_index, choose_recipe, nlist_for
+from training.index_build import RecallTargetError, build_index, choose_recipe, nlist_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "index.json"
 # {nlist} is 4·sqrt(N) for the catalog size, {m} the PQ sub-quantizer count (dim / 4: 16 bytes per 64-d item).
@@ -113,7 +112,7 @@ def reindex_items(n_items: int, seed: int, prefix: str = "i") -> pd.DataFrame:
 
 def reindex_dataset(seed: int, n_users: int = 4000, n_items: int = 20_000, per_user: int = 20) -> Any:
     """Training data for the re-index benchmark's model: users interact mostly (85%) within their cluster."""
-    from training.data import YEAR_BOUNDARIES, Dataset, make_interactions
+    from training.dataset import YEAR_BOUNDARIES, Dataset, make_interactions
     from training.features import FeatureDef, FeatureSpec
 
     rng = np.random.default_rng(seed + 1)
@@ -150,8 +149,9 @@ def reindex_result(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.reindex_items <= 0:
         return None
     from training.artifacts import ArtifactStore
+    from training.config import TrainConfig
     from training.model import TowerConfig
-    from training.train import TrainConfig, train_and_save
+    from training.train import train_and_save
 
     n_items = args.reindex_items
     with tempfile.TemporaryDirectory(prefix="reindex-bench-") as tmp:
@@ -191,7 +191,7 @@ def reindex_result(args: argparse.Namespace) -> dict[str, Any] | None:
         store = ArtifactStore(root)
         version = store.active_index()
         assert version is not None
-        manifest = json.loads((store.index_dir(version) / artifacts.MANIFEST).read_text())
+        manifest = store.index_manifest(version)
     return {
         "items": n_items,
         "seconds": seconds,
@@ -275,14 +275,18 @@ def ml100k_vectors(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, st
     """(item vectors, user vectors, model version) of an ml-100k model: the newest artifact under --artifacts
     trained on it, else one trained here (a few epochs; only the embeddings' geometry matters here)."""
     from training.artifacts import ArtifactStore, load_model
-    from training.data import load_dataset, split_random
+    from training.config import TrainConfig
+    from training.data import load_dataset
+    from training.dataset import split_random
+    from training.evaluate import encode_protocol_users
+    from training.features import encode_item_frame
     from training.model import embed_items, embed_users
     from training.reindex import user_queries
-    from training.train import TrainConfig, encode_catalog, encode_user_rows, fit
+    from training.train import fit
 
     store = ArtifactStore(args.artifacts)
     for version in reversed(store.model_versions()):
-        manifest = json.loads((store.model_dir(version) / artifacts.MANIFEST).read_text())
+        manifest = artifacts.read_manifest(store.model_dir(version), "model")
         if manifest["training"].get("dataset") == "movielens-100k":
             loaded = load_model(store.model_dir(version))
             print(f"[ml-100k] using model {version} from {store.root}", file=sys.stderr, flush=True)
@@ -294,8 +298,9 @@ def ml100k_vectors(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, st
     train, _ = split_random(dataset.interactions, 0.2, seed=args.seed)
     config = TrainConfig(epochs=args.ml100k_epochs, seed=args.seed)
     model = fit(dataset, train, config, progress=not args.quiet).model
-    users = encode_user_rows(model.vocabs, dataset, sorted(set(train.user_id)), train)
-    return embed_items(model, encode_catalog(model, dataset)), embed_users(model, users), "trained-here"
+    users = encode_protocol_users(model.vocabs, dataset, sorted(set(train.user_id)), train)
+    items = encode_item_frame(dataset.spec, model.vocabs, dataset.items)
+    return embed_items(model, items), embed_users(model, users), "trained-here"
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:

@@ -28,10 +28,12 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from training.data import Dataset, load_dataset, split_random
-from training.evaluate import Protocol, RankingMetrics
+from training.config import TrainConfig
+from training.data import load_dataset
+from training.dataset import Dataset, split_random
+from training.evaluate import Protocol, RankingMetrics, evaluate
 from training.model import TowerConfig
-from training.train import TrainConfig, evaluate, fit
+from training.train import fit
 
 RESULTS = Path(__file__).parent / "results"
 PROTOCOL = (

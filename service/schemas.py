@@ -1,6 +1,7 @@
 """Request and response bodies of the HTTP API (pydantic), and the configurable limits checked on top of them.
 
-Families: `RecommendRequest / RecommendResponse / ScoredItem`, `BatchRecommendRequest / BatchRecommendResponse`,
+Families: `RecommendRequest / RecommendResponse / ScoredItem` (and `recommendation_json`, the response written
+without pydantic on the hot path), `BatchRecommendRequest / BatchRecommendResponse`,
 `Event / EventsRequest / EventsAccepted`, `SimilarItemsResponse`, `Readiness`, `PinRequest / SwapResponse`.
 
 Static rules (types, id lengths, k >= 1, unknown fields refused) live in the models, so they appear in the
@@ -12,11 +13,13 @@ so one model class serves every configuration.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from service.retriever import VERSION_PATTERN, RecommendationPath
+from service.retriever import Recommendation, RecommendationPath
+from training.artifacts import VERSION_PATTERN
 
 MAX_ID_LENGTH = 256
 MAX_NAME_LENGTH = 64
@@ -75,6 +78,34 @@ class RecommendResponse(BaseModel):
     path: RecommendationPath = Field(description="known_user, features_only or cold_start")
     degraded: bool = Field(description="true when the store was unreachable and only request data was used")
     exact_fallback: bool = Field(description="true when filters needed an exact search to fill k")
+
+
+_BOOL = {True: "true", False: "false"}
+
+
+def _json_text(value: str | None) -> str:
+    return "null" if value is None else encode_basestring_ascii(value)
+
+
+def recommendation_json(user_id: str | None, result: Recommendation, degraded: bool) -> bytes:
+    """The JSON of `RecommendResponse` (same fields, same order, same values), written directly: building and
+    serializing the pydantic model per answer costs more than the tower and the search (docs/performance.md);
+    `tests/test_schemas.py` checks the two are equal."""
+    items = ",".join(
+        f'{{"item_id":{encode_basestring_ascii(i)},"score":{float(s)!r}}}'
+        for i, s in zip(result.item_ids, result.scores, strict=True)
+    )
+    return (
+        f'{{"user_id":{_json_text(user_id)},"items":[{items}],'
+        f'"model_version":{encode_basestring_ascii(result.model_version)},'
+        f'"index_version":{encode_basestring_ascii(result.index_version)},"path":"{result.path}",'
+        f'"degraded":{_BOOL[degraded]},"exact_fallback":{_BOOL[result.exact_fallback]}}}'
+    ).encode()
+
+
+def batch_recommendation_json(answers: list[bytes]) -> bytes:
+    """The JSON of `BatchRecommendResponse` from each request's `recommendation_json`."""
+    return b'{"responses":[' + b",".join(answers) + b"]}"
 
 
 class BatchRecommendRequest(_Strict):

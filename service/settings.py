@@ -1,7 +1,7 @@
 """Service configuration: one `Settings` object read from `TWOTOWER_*` environment variables.
 
 Built once per app by `service.app.create_app()` (never at import time), so tests and embedders pass their
-own; the `twotower serve` / `load-features` commands build it from flags and the environment.
+own; `python -m service serve` / `load-features` build it from flags and the environment.
 
 | variable                     | default     | meaning                                                        |
 |------------------------------|-------------|----------------------------------------------------------------|
@@ -24,6 +24,7 @@ own; the `twotower serve` / `load-features` commands build it from flags and the
 | TWOTOWER_USER_TOWER          | numpy       | user tower at serving: numpy copy of the weights, or torch module |
 | TWOTOWER_USER_CACHE_SECONDS  | 30          | per-process user cache (invalidated on writes) expiry; 0: off  |
 | TWOTOWER_USER_CACHE_SIZE     | 10000       | most users cached per process (~25 KiB each at 200 items)      |
+| TWOTOWER_ANSWER_CACHE_SIZE   | 10000       | stored user records whose vector and top-k a pair remembers; 0: off |
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.redis_keys import DEFAULT_PREFIX
 
 MIN_ADMIN_TOKEN_LENGTH = 16
 
@@ -46,7 +49,9 @@ class Settings(BaseSettings):
     artifacts: Path = Field(default=Path("artifacts"), description="artifacts root (models/, indexes/, ACTIVE_INDEX)")
     data_dir: Path = Field(default=Path("data"), description="embedded Redis persists under <data_dir>/redis")
     redis_url: str | None = Field(default=None, description="external Redis URL; unset = embedded Redis")
-    redis_prefix: str = Field(default="twotower:", max_length=64, description="prefix of every Redis key and channel")
+    redis_prefix: str = Field(
+        default=DEFAULT_PREFIX, max_length=64, description="prefix of every Redis key and channel"
+    )
     redis_timeout: float = Field(default=0.5, gt=0, le=30, description="seconds before a Redis call counts as failed")
     admin_token: SecretStr | None = Field(default=None, description="bearer token for /v1/admin/*; unset disables it")
     max_k: int = Field(default=1000, ge=1, le=100_000)
@@ -64,6 +69,9 @@ class Settings(BaseSettings):
         default=30.0, ge=0, le=86_400, description="user cache expiry (s), a backstop to invalidation; 0 disables"
     )
     user_cache_size: int = Field(default=10_000, ge=0, le=100_000_000, description="most users cached per process")
+    answer_cache_size: int = Field(
+        default=10_000, ge=0, le=100_000_000, description="stored user records whose answers a pair remembers"
+    )
 
     @field_validator("redis_url", "admin_token", mode="before")
     @classmethod

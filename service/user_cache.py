@@ -1,10 +1,10 @@
 """`UserCache`: this process's copy of recently read users, kept correct by invalidation, with expiry as a backstop.
 
-Why: a known user's Redis read (one round trip, a script, the reply parsed) was the largest cost of a
-recommendation after the framework itself (docs/performance.md); most requests are for users read moments ago.
+Why: a known user's Redis read (one round trip, a script, the reply parsed) is the largest cost of a
+recommendation after the framework itself (docs/performance.md), and most requests are for users read moments ago.
 
 How it stays correct (the store, `service.store.FeatureStore`, drives it):
-- every write the store makes (events, load-features) PUBLISHes the touched user ids on `{prefix}users_changed`
+- every write the store makes (events, load-features) PUBLISHes the touched user ids on the users-changed channel
   in the same MULTI as the write, and every service process evicts them when the message arrives; the writing
   process evicts them itself as soon as its write returns, so a client reads its own writes at once;
 - the cache is used only while that subscription is confirmed (`live`); when it drops, the cache is emptied and

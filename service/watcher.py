@@ -2,7 +2,7 @@
 carries out the admin reload/pin. Plain asyncio around the `Retriever`; `service.app` starts and stops it.
 
 Two ways to learn of a new index, so that neither is a single point of failure:
-- Redis pub/sub: the re-index job PUBLISHes the new version on `{prefix}index_published` (instant);
+- Redis pub/sub: the re-index job PUBLISHes the new version on the index-published channel (instant);
 - polling: the ACTIVE_INDEX pointer file is read every `poll_seconds` (covers a Redis outage, a lost message,
   or a job run without Redis).
 
@@ -22,9 +22,10 @@ import anyio
 
 from service.errors import LoadRefusedError, NotReadyError
 from service.metrics import Metrics
-from service.retriever import Retriever, ServingPair, check_version
+from service.pair import ServingPair
+from service.retriever import Retriever
 from service.store import FeatureStore
-from training.artifacts import ArtifactError
+from training.artifacts import ArtifactError, check_version
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +154,12 @@ class IndexWatcher:
             await self._notify(version, "ACTIVE_INDEX changed")
 
     async def _listen(self) -> None:
-        """Follow `{prefix}index_published`; on any Redis failure, reconnect after a pause (polling covers gaps)."""
+        """Follow the index-published channel; on any Redis failure, reconnect after a pause (polling covers gaps)."""
         while True:
             pubsub = None
             try:
                 pubsub = self.store.pubsub()
-                await pubsub.subscribe(self.store.channel)
+                await pubsub.subscribe(self.store.keys.index_published)
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":

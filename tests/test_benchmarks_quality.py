@@ -4,7 +4,7 @@ rank-r approximation must be exact at full rank, or the ceilings it reports besi
 from __future__ import annotations
 
 from benchmarks.quality import ease
-from training.data import Dataset, split_random
+from training.dataset import Dataset, split_random
 from training.evaluate import Protocol
 
 

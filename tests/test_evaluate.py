@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from training.evaluate import rank_top_k, ranking_metrics
-from training.index import build_index
+from training.index import exact_index
 
 
 def test_metrics_match_hand_computed_values() -> None:
@@ -33,9 +33,7 @@ def test_ranking_excludes_seen_items_exactly_like_brute_force() -> None:
     # search round is needed for the heavy users
     seen = [rng.choice(60, size=size, replace=False) for size in rng.integers(0, 20, size=37)]
     seen += [rng.choice(60, size=57, replace=False), np.arange(60), np.zeros(0, np.int64)]
-    index, _ = build_index(
-        items, [str(i) for i in range(60)], recipe="Flat", model_version="t", progress=False, measure_speed=False
-    )
+    index = exact_index(items, [str(i) for i in range(60)])
 
     top = rank_top_k(index, users, seen, k=10)
 

@@ -1,4 +1,10 @@
+"""training.features: tokens, vocabularies and the one encoding of raw inputs, unknown values as index 0, and the
+table adapters that feed it."""
+
+from __future__ import annotations
+
 import numpy as np
+import pandas as pd
 
 from training.features import (
     UNKNOWN,
@@ -6,7 +12,9 @@ from training.features import (
     FeatureSpec,
     Vocabularies,
     build_vocabularies,
+    encode_item_frame,
     encode_items,
+    encode_user_frame,
     encode_users,
 )
 
@@ -85,3 +93,32 @@ def test_encoding_is_vectorised_over_rows() -> None:
     many = encode_items(SPEC, vocabs(), ["a", "b"] * 500, {"studio": ["x", "y"] * 500})
     assert many.features["studio"][:, 0].tolist() == [1, 2] * 500
     assert np.issubdtype(many.ids.dtype, np.int64)
+
+
+def test_frame_adapters_encode_tables_like_the_column_functions() -> None:
+    spec = FeatureSpec(
+        user_features=(FeatureDef("segment"),),
+        item_features=(FeatureDef("genres", "multi", max_values=2), FeatureDef("year", "bucket", boundaries=(2000.0,))),
+        max_history=3,
+    )
+    vocabs = build_vocabularies(spec, ["u1", "u2"], ["i1", "i2"], {"segment": ["a", "b"]}, {"genres": [["x"], ["y"]]})
+    items = pd.DataFrame(
+        {"genres": [["x", "y"], []], "year": [1999, 2005], "title": ["kept", "unused"]},
+        index=pd.Index(["i1", "new"], name="item_id"),
+    )
+    direct = encode_items(spec, vocabs, ["i1", "new"], {"genres": [["x", "y"], []], "year": [1999, 2005]})
+    framed = encode_item_frame(spec, vocabs, items)
+    np.testing.assert_array_equal(framed.ids, direct.ids)
+    for name in ("genres", "year"):
+        np.testing.assert_array_equal(framed.features[name], direct.features[name])
+
+    users = pd.DataFrame(
+        {"segment": ["b", None], "history": [np.array(["i2", "i1"]), None]}, index=pd.Index(["u2", "u9"])
+    )
+    from_column = encode_user_frame(spec, vocabs, users)  # a users table of an artifact: Parquet arrays, gaps
+    given = encode_user_frame(spec, vocabs, users.drop(columns="history"), [["i2", "i1"], []])
+    expected = encode_users(spec, vocabs, ["u2", "u9"], {"segment": ["b", None]}, [["i2", "i1"], []])
+    for encoded in (from_column, given):
+        np.testing.assert_array_equal(encoded.ids, expected.ids)
+        np.testing.assert_array_equal(encoded.history, expected.history)
+        np.testing.assert_array_equal(encoded.features["segment"], expected.features["segment"])

@@ -1,3 +1,8 @@
+"""training.losses against hand-computed values: the hinge and its margin, BPR, the sampled softmax with logQ and
+accidental-hit masks, the direction of a gradient step, and the negative samplers."""
+
+from __future__ import annotations
+
 import math
 
 import pytest

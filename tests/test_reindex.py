@@ -18,15 +18,17 @@ import pytest
 import redis
 import torch
 
-from service.store import EmbeddedRedis
-from training.artifacts import ArtifactError, ArtifactStore, LoadedModel, VersionMismatchError, load_model
-from training.cli import main
-from training.data import synthetic
-from training.features import encode_items, encode_users
-from training.index import RecallTargetError, load_index
+from training.artifacts import INDEX_ITEMS, ArtifactError, ArtifactStore, LoadedModel, VersionMismatchError, load_model
+from training.catalog import CatalogError
+from training.config import TrainConfig
+from training.dataset import synthetic
+from training.features import encode_item_frame, encode_user_frame, encode_users
+from training.index import load_index
+from training.index_build import RecallTargetError
 from training.model import TowerConfig, embed_users, score
-from training.reindex import ITEMS_FILE, CatalogError, reindex
-from training.train import TrainConfig, train_and_save
+from training.redis_keys import RedisKeys
+from training.reindex import reindex
+from training.train import train_and_save
 
 K = 10
 # Tiny parameters for ~300 items: 4 IVF lists, an 8-neighbour graph, 4-bit PQ codes (16 centroids per sub-space).
@@ -60,26 +62,14 @@ def catalog_csv(catalog: pd.DataFrame, path: Path) -> Path:
 
 def user_vectors(loaded: LoadedModel, users: pd.DataFrame) -> torch.Tensor:
     """(B, D) user-tower outputs of rows of the model's users table (features + history)."""
-    spec = loaded.model.spec
-    encoded = encode_users(
-        spec,
-        loaded.model.vocabs,
-        list(users.index),
-        {f.name: users[f.name].tolist() for f in spec.user_features},
-        [list(h) for h in users["history"]],
-    )
     with torch.inference_mode():
-        return loaded.model.users(encoded)
+        return loaded.model.users(encode_user_frame(loaded.model.spec, loaded.model.vocabs, users))
 
 
 def item_vectors(loaded: LoadedModel, items: pd.DataFrame) -> torch.Tensor:
     """(N, D) item-tower outputs of rows of a raw items table, encoded afresh."""
-    spec = loaded.model.spec
-    encoded = encode_items(
-        spec, loaded.model.vocabs, list(items.index), {f.name: items[f.name].tolist() for f in spec.item_features}
-    )
     with torch.inference_mode():
-        return loaded.model.items(encoded)
+        return loaded.model.items(encode_item_frame(loaded.model.spec, loaded.model.vocabs, items))
 
 
 # --------------------------------------------------------------------------- parity: FAISS scores == towers' scores
@@ -101,7 +91,7 @@ def test_index_scores_equal_tower_scores_for_every_recipe(
     u = user_vectors(trained_model, users)  # (B, D)
     scores, positions = item_index.search(u.numpy(), K)  # (B, K)
     assert (positions >= 0).all()
-    items = pd.read_parquet(store.index_dir(version) / ITEMS_FILE).set_index("item_id")
+    items = pd.read_parquet(store.index_dir(version) / INDEX_ITEMS).set_index("item_id")
     returned = items.loc[np.asarray(item_index.item_ids)[positions.ravel()]]
     v = item_vectors(trained_model, returned)  # (B * K, D), the item tower run again on the returned items
     expected = score(u.repeat_interleave(K, dim=0), v).reshape(len(users), K)  # (B, K)
@@ -127,7 +117,7 @@ def test_items_file_re_encodes_to_exactly_the_index_vectors(trained_model: Loade
     csv = catalog_csv(trained_model.catalog(), tmp_path / "items.csv")
     version = reindex(store, catalog=csv, progress=False)
     item_index, _ = load_index(store.index_dir(version))
-    items = pd.read_parquet(store.index_dir(version) / ITEMS_FILE).set_index("item_id")
+    items = pd.read_parquet(store.index_dir(version) / INDEX_ITEMS).set_index("item_id")
     assert list(items.index) == item_index.item_ids
     np.testing.assert_array_equal(item_vectors(trained_model, items).numpy(), np.asarray(item_index.item_vectors))
 
@@ -144,7 +134,7 @@ def test_manifest_records_model_recipe_params_recall_latency_and_catalog_hash(
     assert manifest["recall@10"] >= 0.95 and manifest["recall_queries"]["source"] == "given"
     assert manifest["latency"]["p50_us"] > 0 and manifest["dim"] == trained_model.dim
     assert manifest["item_count"] == len(trained_model.catalog())
-    assert len(manifest["catalog_sha256"]) == 64 and ITEMS_FILE in manifest["files"]
+    assert len(manifest["catalog_sha256"]) == 64 and INDEX_ITEMS in manifest["files"]
     assert manifest["normalized"] == trained_model.manifest["normalize"]
 
 
@@ -226,7 +216,7 @@ def test_items_removed_from_the_catalog_disappear_from_the_index(trained_model: 
     item_index, manifest = load_index(store.index_dir(second))
     assert not set(removed) & set(item_index.item_ids)
     assert manifest["item_count"] == len(catalog) - len(removed)
-    items = pd.read_parquet(store.index_dir(second) / ITEMS_FILE)
+    items = pd.read_parquet(store.index_dir(second) / INDEX_ITEMS)
     assert not set(removed) & set(items["item_id"])
     _, positions = item_index.search(user_vectors(trained_model, trained_model.users()).numpy(), K)
     assert not set(removed) & {item_index.item_ids[p] for p in positions.ravel()}
@@ -339,23 +329,23 @@ def test_unknown_model_version_is_an_artifact_error_naming_it(trained_model: Loa
 # --------------------------------------------------------------------------- Redis notification
 
 
-def test_publish_sets_the_redis_pointer_and_notifies_subscribers(trained_model: LoadedModel, tmp_path: Path) -> None:
+def test_publish_sets_the_redis_pointer_and_notifies_subscribers(
+    trained_model: LoadedModel, tmp_path: Path, redis_url: str
+) -> None:
     store = store_with(tmp_path, trained_model)
-    server = EmbeddedRedis(tmp_path / "redis")
-    url = server.start()
-    client = redis.Redis.from_url(url, decode_responses=True)
+    keys = RedisKeys("rx:")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     pubsub = client.pubsub()
     try:
-        pubsub.subscribe("rx:index_published")
+        pubsub.subscribe(keys.index_published)
         assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-        version = reindex(store, redis_url=url, redis_prefix="rx:", progress=False)
+        version = reindex(store, redis_url=redis_url, redis_prefix=keys.prefix, progress=False)
         message = pubsub.get_message(timeout=5)
         assert message is not None and message["data"] == version
-        assert client.get("rx:active_index") == version
+        assert client.get(keys.active_index) == version
     finally:
         pubsub.close()
         client.close()
-        server.stop()
 
 
 def test_unreachable_redis_still_publishes_the_index(
@@ -367,51 +357,3 @@ def test_unreachable_redis_still_publishes_the_index(
         version = reindex(store, redis_url=f"unix://{tmp_path}/no-redis.sock", progress=False)
     assert store.active_index() == version
     assert "notifying Redis failed" in caplog.text
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def test_cli_reindex_help_lists_its_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["reindex", "--help"])
-    assert info.value.code == 0
-    out = capsys.readouterr().out
-    for flag in ("--artifacts", "--model", "--catalog", "--recipe", "--recall-target", "--redis-url"):
-        assert flag in out
-
-
-def test_cli_reindex_publishes_and_prints_version_recipe_params_and_recall(
-    trained_model: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    store = store_with(tmp_path, trained_model)
-    catalog = trained_model.catalog()
-    new = pd.DataFrame({"genres": [["g1"]], "year": [2001]}, index=pd.Index(["brand-new"], name="item_id"))
-    csv = catalog_csv(pd.concat([catalog, new]), tmp_path / "items.csv")
-    argv = ["reindex", "--artifacts", str(store.root), "--catalog", str(csv), "--recipe", "IVF4,Flat", "-q"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    version = store.active_index()
-    assert version is not None and f"index {version} published" in out
-    summary = json.loads(out[out.index("{") :])
-    assert summary["index_version"] == version and summary["model_version"] == trained_model.version
-    assert summary["recipe"] == "IVF4,Flat" and "nprobe" in summary["params"]
-    assert summary["recall@10"] >= 0.95 and summary["items"] == len(catalog) + 1
-    assert main(argv) == 0
-    assert "already active" in capsys.readouterr().out and store.index_versions() == [version]
-
-
-def test_cli_reindex_exits_non_zero_and_keeps_the_active_index_when_refused(
-    trained_model: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    store = store_with(tmp_path, trained_model)
-    assert main(["reindex", "--artifacts", str(store.root), "-q"]) == 0
-    active = store.active_index()
-    capsys.readouterr()
-    assert main(["reindex", "--artifacts", str(store.root), "--recipe", "IVF4,Flat", "--recall-target", "1.01"]) == 1
-    assert "not published" in capsys.readouterr().err
-    bad = tmp_path / "bad.csv"
-    bad.write_text("item_id,year\ni1,1990\n")
-    assert main(["reindex", "--artifacts", str(store.root), "--catalog", str(bad)]) == 2
-    assert "missing feature column ['genres']" in capsys.readouterr().err
-    assert store.active_index() == active and store.index_versions() == [active]

@@ -1,18 +1,22 @@
+"""The training loop: it beats popularity on planted data, is deterministic for a seed, never shows an example its
+own target, carries cold users by their history, and refits on every training row when asked."""
+
+from __future__ import annotations
+
 import json
-import shutil
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from training.artifacts import MANIFEST, ArtifactError, ArtifactStore, LoadedModel, load_model, sha256_file
-from training.data import Dataset, split_random
-from training.features import encode_users
+from tests.helpers import TINY_CONFIG
+from training.artifacts import LoadedModel
+from training.config import TrainConfig
+from training.dataset import Dataset, split_random, synthetic
+from training.features import encode_item_frame, encode_users
 from training.model import TwoTower, embed_items, embed_users
-from training.train import TrainConfig, Trainer, TrainingData, encode_catalog, fit
-
-from .conftest import TINY_CONFIG
+from training.train import Trainer, TrainingData, fit
 
 
 def test_model_beats_popularity_on_planted_data_by_a_clear_margin(trained_model: LoadedModel) -> None:
@@ -57,7 +61,7 @@ def test_unknown_user_with_a_cluster_history_gets_that_clusters_items(
 ) -> None:
     model = trained_model.model
     cluster = np.array([genres[0] for genres in tiny_dataset.items.genres])  # planted: first genre = cluster
-    item_vectors = embed_items(model, encode_catalog(model, tiny_dataset))
+    item_vectors = embed_items(model, encode_item_frame(tiny_dataset.spec, model.vocabs, tiny_dataset.items))
     clusters = sorted(set(cluster))
     histories = [list(tiny_dataset.items.index[cluster == c][:8]) for c in clusters]
     users = encode_users(model.spec, model.vocabs, ["never-seen"] * len(clusters), {}, histories)
@@ -66,63 +70,16 @@ def test_unknown_user_with_a_cluster_history_gets_that_clusters_items(
     assert in_cluster >= 0.5, in_cluster  # chance is 1/6
 
 
-def test_loaded_model_reproduces_the_saved_item_embeddings(trained_model: LoadedModel, tiny_dataset: Dataset) -> None:
-    reloaded = load_model(trained_model.directory)
-    ids, saved = reloaded.item_embeddings()
-    assert ids == list(tiny_dataset.items.index)
-    np.testing.assert_allclose(
-        embed_items(reloaded.model, encode_catalog(reloaded.model, tiny_dataset)), saved, rtol=1e-5, atol=1e-6
-    )
-
-
-def _copy(model: LoadedModel, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(model.directory, tmp_path / model.version))
-
-
-def test_corrupted_weights_are_refused_naming_the_file(trained_model: LoadedModel, tmp_path: Path) -> None:
-    copy = _copy(trained_model, tmp_path)
-    data = bytearray((copy / "user_tower.safetensors").read_bytes())
-    data[-1] ^= 0xFF
-    (copy / "user_tower.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=r"user_tower\.safetensors is corrupted"):
-        load_model(copy)
-
-
-def test_weights_that_do_not_fit_the_manifest_are_refused_naming_the_file(
-    trained_model: LoadedModel, tmp_path: Path
-) -> None:
-    copy = _copy(trained_model, tmp_path)
-    manifest = json.loads((copy / MANIFEST).read_text())
-    manifest["tower_config"]["dim"] = 8
-    (copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match=r"user_tower\.safetensors does not fit"):
-        load_model(copy)
-
-
-def test_manifest_without_a_full_tower_config_is_refused(trained_model: LoadedModel, tmp_path: Path) -> None:
-    copy = _copy(trained_model, tmp_path)
-    manifest = json.loads((copy / MANIFEST).read_text())
-    del manifest["tower_config"]["combine"]  # as written before the field existed
-    (copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="lacks combine"):
-        load_model(copy)
-
-
-def test_vocabularies_from_another_run_are_refused(trained_model: LoadedModel, tmp_path: Path) -> None:
-    copy = _copy(trained_model, tmp_path)
-    vocab = json.loads((copy / "vocabularies.json").read_text())
-    vocab["item_ids"] = list(reversed(vocab["item_ids"]))
-    (copy / "vocabularies.json").write_text(json.dumps(vocab))
-    manifest = json.loads((copy / MANIFEST).read_text())
-    manifest["files"]["vocabularies.json"]["sha256"] = sha256_file(copy / "vocabularies.json")
-    (copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="vocab_hash"):
-        load_model(copy)
-
-
-def test_store_lists_versions_and_finds_the_newest(trained_model: LoadedModel, artifacts_root: Path) -> None:
-    store = ArtifactStore(artifacts_root)
-    assert trained_model.version in store.model_versions()
-    assert store.latest_model() == store.model_versions()[-1]
-    with pytest.raises(ArtifactError, match="twotower train"):
-        ArtifactStore(artifacts_root / "empty").latest_model()
+def test_refit_retrains_on_every_training_row_for_the_early_stopped_epochs() -> None:
+    sparse = synthetic(n_users=150, n_items=1500, n_clusters=5, interactions_per_user=6, seed=1)
+    train, _ = split_random(sparse.interactions, 0.2, seed=0)
+    config = replace(TINY_CONFIG, epochs=4, eval_every=2)
+    fit_rows, val_rows = split_random(train, config.val_fraction, seed=config.seed + 10_000)  # as `fit` splits
+    only_in_validation = set(val_rows.item_id) - set(fit_rows.item_id)
+    assert only_in_validation
+    plain = fit(sparse, train, config, progress=False)
+    refit = fit(sparse, train, replace(config, refit=True), progress=False)
+    assert refit.best_epoch == plain.best_epoch  # the same fit chose the epoch count
+    # vocabularies of the fit rows only, then of every training row (the validation slice's items included)
+    assert not only_in_validation & set(plain.model.vocabs.item_ids.tokens)
+    assert set(refit.model.vocabs.item_ids.tokens) == set(train.item_id)

@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -36,6 +37,10 @@ from training.model import TowerConfig, TwoTower
 MANIFEST = "manifest.json"
 ACTIVE_INDEX = "ACTIVE_INDEX"
 FORMAT_VERSION = 1
+INDEX_VERSION_PREFIX = "idx-"
+# What a version name may be: what `new_version` makes, and any plain directory name an operator chose.
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_VERSION_RE = re.compile(VERSION_PATTERN)
 
 
 class ArtifactError(RuntimeError):
@@ -58,6 +63,14 @@ def new_version(prefix: str = "") -> str:
     """Sortable, unique version names: UTC time to the microsecond plus a random suffix."""
     now = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     return f"{prefix}{now}-{secrets.token_hex(3)}"
+
+
+def check_version(version: str, what: str = "version") -> str:
+    """`version` if it is a valid version name (a plain directory name); else `ArtifactError`. Versions come from
+    pointer files, manifests, Redis messages and admin calls: anything else (a path, "..") is refused before use."""
+    if not _VERSION_RE.match(version):
+        raise ArtifactError(f"{what} {version!r} is not a valid artifact version name (expected {VERSION_PATTERN})")
+    return version
 
 
 def utc_now() -> str:
@@ -168,6 +181,18 @@ class ArtifactStore:
         except FileNotFoundError:
             return None
 
+    def index_manifest(self, version: str) -> dict[str, Any]:
+        """The verified manifest of index `version` (`read_manifest`: kind and every file's checksum)."""
+        return read_manifest(self.index_dir(check_version(version, "index version")), "index")
+
+    def active_model(self) -> str:
+        """The model the active index was built from (the pair a service serves); the newest model while no
+        index is active."""
+        active = self.active_index()
+        if active is None:
+            return self.latest_model()
+        return check_version(str(self.index_manifest(active)["model_version"]), f"model of index {active}")
+
     def set_active_index(self, version: str) -> None:
         if not self.index_dir(version).is_dir():
             raise ArtifactError(f"cannot activate index {version}: {self.index_dir(version)} does not exist")
@@ -265,15 +290,25 @@ def save_model(
     return store.model_dir(version)
 
 
+def _vocabularies(directory: Path, manifest: dict[str, Any]) -> Vocabularies:
+    vocabs = Vocabularies.from_dict(json.loads((directory / VOCABULARIES).read_text()))
+    if vocabs.digest() != manifest["vocab_hash"]:
+        raise ArtifactError(f"{directory / VOCABULARIES} does not hash to the manifest's vocab_hash")
+    return vocabs
+
+
+def load_vocabularies(directory: Path) -> Vocabularies:
+    """A model artifact's vocabularies alone (verified like `load_model`'s), without rebuilding its towers."""
+    return _vocabularies(directory, read_manifest(directory, "model"))
+
+
 def load_model(directory: Path) -> LoadedModel:
     """Rebuild the towers from the manifest alone and load their weights (strict), verifying checksums,
     vocabularies and shapes; any mismatch is an `ArtifactError` naming the file."""
     manifest = read_manifest(directory, "model")
     if manifest.get("metric") != METRIC:
         raise ArtifactError(f"{directory / MANIFEST}: metric {manifest.get('metric')!r} != {METRIC!r}")
-    vocabs = Vocabularies.from_dict(json.loads((directory / VOCABULARIES).read_text()))
-    if vocabs.digest() != manifest["vocab_hash"]:
-        raise ArtifactError(f"{directory / VOCABULARIES} does not hash to the manifest's vocab_hash")
+    vocabs = _vocabularies(directory, manifest)
     try:
         config = TowerConfig.from_dict(manifest["tower_config"])
     except (KeyError, TypeError, ValueError) as e:

@@ -2,7 +2,8 @@
 
 Owned here and imported by both sides: the trainer encodes the training split with `encode_users` /
 `encode_items`; the service encodes each request with the very same functions, so a feature can never be
-bucketed one way in training and another way online.
+bucketed one way in training and another way online. `encode_user_frame` / `encode_item_frame` are the one
+adapter from a users or items table (id index, raw feature columns) to those functions.
 
 Conventions every tower relies on:
 - index 0 of every vocabulary is "unknown": an id or feature value not seen in the training split. For
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 
 FeatureKind = Literal["categorical", "bucket", "prefix", "multi"]
 UNKNOWN = 0  # index of the unknown / padding entry in every vocabulary
@@ -257,3 +259,26 @@ def encode_items(
             f.name: _encode_feature(f, vocabs.features[f.name], features.get(f.name), n) for f in spec.item_features
         },
     )
+
+
+def encode_item_frame(spec: FeatureSpec, vocabs: Vocabularies, items: pd.DataFrame) -> EncodedItems:
+    """`encode_items` for a table indexed by item id whose columns are raw item features (a feature without a
+    column encodes as unknown)."""
+    columns = {f.name: items[f.name].tolist() for f in spec.item_features if f.name in items.columns}
+    return encode_items(spec, vocabs, [str(i) for i in items.index], columns)
+
+
+def encode_user_frame(
+    spec: FeatureSpec,
+    vocabs: Vocabularies,
+    users: pd.DataFrame,
+    histories: Sequence[Sequence[str]] | None = None,
+) -> EncodedUsers:
+    """`encode_users` for a table indexed by user id whose columns are raw user features. Histories (item ids,
+    newest first) are `histories` when given, else the table's `history` column (a users table of a model
+    artifact), else empty."""
+    if histories is None:
+        column = users["history"] if "history" in users.columns else [None] * len(users)
+        histories = [[str(i) for i in h] if isinstance(h, list | tuple | np.ndarray) else [] for h in column]
+    columns = {f.name: users[f.name].tolist() for f in spec.user_features if f.name in users.columns}
+    return encode_users(spec, vocabs, [str(u) for u in users.index], columns, histories)

@@ -4,14 +4,16 @@
 the dot product is a cosine; the flag is recorded in the manifest and the towers apply it themselves, so
 the index and the service never have to remember to.
 
-Nothing here knows about losses or data files: the towers take the index arrays that
+Every form of the model lives here, beside what it copies: the torch towers that training learns and evaluation,
+re-indexing and the service's load checks run, and `NumpyUserTower`, the same user tower on numpy arrays that the
+service runs per request. Nothing here knows about losses or data files: the towers take the index arrays that
 `training.features.encode_users` / `encode_items` produce.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -26,25 +28,30 @@ from training.features import EncodedItems, EncodedUsers, FeatureDef, FeatureSpe
 class TowerConfig:
     """Shapes of both towers; with the vocabulary sizes it rebuilds the model from a manifest alone."""
 
-    dim: int = 64  # output embedding size D
-    id_dim: int = 64  # user/item id and history item embeddings
-    feature_dim: int = 16  # each categorical feature's embedding
-    hidden: tuple[int, ...] = (256,)  # combine="mlp" only
-    # Defaults are the recipe measured best on MovieLens 100K (docs/loss.md): summed embeddings, unnormalised
-    # inner product, no per-user id embedding (it memorises users instead of learning from their history).
-    normalize: bool = False
-    use_user_id: bool = False
-    # user categorical features in the user tower; on MovieLens 100K they overfit (test NDCG@10 0.364 with them,
-    # 0.429 without, split seed 0; 0.379 with feature_dropout 0.5) while history carries cold users
-    use_user_features: bool = True
-    # "mlp": concatenate the parts and map them through the MLP (`hidden`, then D); "sum": every part is a
-    # D-dimensional embedding and the tower outputs their sum (id_dim, feature_dim and hidden unused). The sum is
-    # a frozen Linear of stacked identities, so every consumer of the towers' Linear layers serves it unchanged.
-    # Measured on MovieLens 100K (split seed 0, history only, linear): sum 0.423 test NDCG@10, one learned
-    # Linear projection 0.383.
-    combine: Literal["mlp", "sum"] = "sum"
-    # embedding tables start at N(0, init_std²); torch's default N(0, 1) cost ~0.04 NDCG@10 on MovieLens 100K
-    init_std: float = 0.01
+    dim: int = field(default=64, metadata={"help": "output embedding size D"})
+    id_dim: int = field(default=64, metadata={"help": "user/item id and history item embeddings (combine=mlp)"})
+    feature_dim: int = field(default=16, metadata={"help": "each categorical feature's embedding (combine=mlp)"})
+    hidden: tuple[int, ...] = field(default=(256,), metadata={"help": "MLP widths, comma-separated (combine=mlp)"})
+    # Defaults are the recipe measured best (docs/loss.md, "What moved the numbers"): summed embeddings,
+    # unnormalised inner product, no per-user id embedding (it memorises users instead of learning from their
+    # history).
+    normalize: bool = field(default=False, metadata={"help": "L2-normalise tower outputs (score = cosine)"})
+    use_user_id: bool = field(default=False, metadata={"help": "a learned embedding per training user"})
+    # User features can overfit where history already says more about a user (docs/loss.md), while they are
+    # what carries a user who has no history yet.
+    use_user_features: bool = field(default=True, metadata={"help": "user categorical features in the user tower"})
+    # The sum is a frozen Linear of stacked identities, so every consumer of the towers' Linear layers serves it
+    # unchanged.
+    combine: Literal["mlp", "sum"] = field(
+        default="sum",
+        metadata={
+            "help": "sum: every part is a D-dim embedding and the tower outputs their sum; mlp: the parts "
+            "concatenated through the MLP"
+        },
+    )
+    # At torch's default N(0, 1) the initial dot products are large and noisy, and the early steps spend
+    # themselves shrinking them (docs/loss.md).
+    init_std: float = field(default=0.01, metadata={"help": "embedding tables start at N(0, init_std^2)"})
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "hidden": list(self.hidden)}
@@ -79,14 +86,14 @@ def _summing(parts: int, dim: int) -> nn.Sequential:
 
 def _pooled(rows: int, dim: int) -> nn.EmbeddingBag:
     """Mean of the embeddings of a (B, L) index array, index 0 (padding/unknown) left out; all-padding rows give
-    zeros. EmbeddingBag does this in one fused kernel (several times faster than gather-mask-sum)."""
+    zeros. EmbeddingBag does this in one fused kernel instead of a gather, a mask and a sum."""
     return nn.EmbeddingBag(rows, dim, mode="mean", padding_idx=0)
 
 
 def _pool_packed(bag: nn.EmbeddingBag, index: torch.Tensor) -> torch.Tensor:
     """`bag(index)` for a (B, L) array that is mostly padding, given to the bag without its padding (values and
-    offsets): the same means, but the backward pass sorts only the real entries (a training batch of MovieLens
-    100K histories is ~90% padding; one seed's fit went from 44 s to 40 s)."""
+    offsets): the same means, but the backward pass sorts only the real entries (padding is most of a batch
+    whose histories vary in length)."""
     real = index != 0
     counts = real.sum(dim=1)
     return bag(index[real], torch.cumsum(counts, 0) - counts)
@@ -217,3 +224,103 @@ def embed_users(model: TwoTower, users: EncodedUsers, chunk: int = 8192) -> np.n
         )
         out[start:end] = model.users(part).numpy()
     return out
+
+
+# --------------------------------------------------------------------------- the serving copy of the user tower
+
+# torch.nn.functional.normalize's default eps: the norm is clamped to at least this.
+NORMALIZE_EPS = 1e-12
+
+
+def _padding_zeroed(table: np.ndarray) -> np.ndarray:
+    """A copy of a pooled table whose row 0 (padding, never part of a mean) is zero, so sums may include it."""
+    table = table.copy()
+    table[0] = 0.0
+    return table
+
+
+def _pooled_mean(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """(B, E) mean of `table` rows over each row of (B, L) `index`, zeros left out; all-zero rows give zeros.
+
+    `table` has a zero row 0 (`_padding_zeroed`), so the sum over a row's entries needs no mask: only the
+    count does. Columns after the last non-zero one (the padding of short histories) are cut off first: a
+    request's history is usually far shorter than the padded width, and this runs once per request."""
+    used = np.flatnonzero(index.any(axis=0))  # columns holding any entry
+    if used.size == 0:
+        return np.zeros((index.shape[0], table.shape[1]), dtype=np.float32)
+    index = index[:, : used[-1] + 1]
+    counts = np.count_nonzero(index, axis=1)  # (B,)
+    sums = table[index].sum(axis=1)  # (B, E)
+    return sums / np.maximum(counts, 1)[:, None].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Feature:
+    name: str
+    table: np.ndarray  # (V, E) float32
+    multi: bool
+
+
+class NumpyUserTower:
+    """`UserTower.forward` on numpy copies of its weights: the user tower as the service runs it per request.
+
+    Built from a trained `UserTower` (every shape and flag read off the module, never re-declared), called with
+    the `EncodedUsers` that `training.features.encode_users` produced; `tests/test_model.py` checks it equals the
+    module for every tower option. Why a copy: per request the arithmetic is a few gathers and one small MLP,
+    and an eager PyTorch forward spends far longer dispatching than computing that (docs/performance.md); numpy's
+    cost stays flat as batches grow. Same arithmetic as the module, step by step:
+
+    - history: mean of the item-id embeddings of the non-padding (non-zero) entries; all-padding rows give zeros
+      (`nn.EmbeddingBag(mode="mean", padding_idx=0)`);
+    - each user feature: single-valued -> its embedding row (index 0 = learned unknown); multi-valued -> mean of
+      its non-padding values' rows, like history;
+    - user id embedding last (when the tower uses ids); concatenated in the module's order;
+    - the MLP (Linear, ReLU, ..., Linear), then L2-normalization with the same epsilon as `F.normalize` when the
+      tower normalizes.
+
+    Immutable after construction (safe to share across threads)."""
+
+    def __init__(self, tower: UserTower) -> None:
+        def array(parameter: nn.Parameter | object) -> np.ndarray:
+            assert isinstance(parameter, nn.Parameter)
+            return np.ascontiguousarray(parameter.detach().cpu().numpy(), dtype=np.float32)
+
+        self.history = _padding_zeroed(array(tower.history.weight))  # (I, E)
+        self.user_id = array(tower.user_id.weight) if tower.user_id is not None else None  # (U, E)
+        features = []
+        for name, table in tower.features.tables.items():
+            multi = tower.features.multi[name]  # multi-valued: pooled like history; single: row 0 = unknown
+            weights = array(table.weight)
+            features.append(_Feature(name, _padding_zeroed(weights) if multi else weights, multi))
+        self.features = tuple(features)
+        layers: list[tuple[np.ndarray, np.ndarray]] = []
+        for module in tower.mlp:
+            if isinstance(module, nn.Linear):
+                layers.append((array(module.weight).T.copy(), array(module.bias)))  # (in, out), (out,)
+            elif not isinstance(module, nn.ReLU):
+                raise TypeError(f"NumpyUserTower knows Linear and ReLU layers, not {type(module).__name__}")
+        if not layers:
+            raise TypeError("the user tower's MLP has no Linear layer")
+        self.layers = tuple(layers)
+        self.normalize = bool(tower.config.normalize)
+        self.dim = int(layers[-1][1].shape[0])
+
+    def __call__(self, users: EncodedUsers) -> np.ndarray:
+        """(B, D) float32 user embeddings."""
+        parts = [_pooled_mean(self.history, users.history)]  # (B, E)
+        for feature in self.features:
+            index = users.features[feature.name]  # (B, width)
+            parts.append(_pooled_mean(feature.table, index) if feature.multi else feature.table[index[:, 0]])
+        if self.user_id is not None:
+            parts.append(self.user_id[users.ids])
+        x = np.concatenate(parts, axis=1)  # (B, in)
+        last = len(self.layers) - 1
+        for i, (weight, bias) in enumerate(self.layers):
+            x = x @ weight
+            x += bias
+            if i < last:
+                np.maximum(x, 0.0, out=x)
+        if self.normalize:
+            norms = np.sqrt(np.einsum("bd,bd->b", x, x))  # (B,)
+            x /= np.maximum(norms, NORMALIZE_EPS)[:, None]
+        return x

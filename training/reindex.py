@@ -12,22 +12,20 @@ One run:
    recall target: re-running on the same inputs is idempotent;
 4. runs the item tower over the catalog in bounded chunks (items new since training have an out-of-vocabulary
    id and are carried by their features; items no longer in the catalog are simply not embedded);
-5. builds the index (`training.index.build_index`) with the model's own user-tower outputs (a sample of its
+5. builds the index (`training.index_build.build_index`) with the model's own user-tower outputs (a sample of its
    training users with their histories) as recall queries, tunes it to the recall target, and refuses to
    publish below it (`RecallTargetError`);
 6. writes `indexes/<version>/` atomically: the index files, `items.parquet` (the normalized catalog with its raw
    features, which the service reads for attribute filters and its tower-parity check) and a manifest with the
    model version, recipe, params, recall@10, latency, dim, item count and the catalog's sha256;
-7. moves the `ACTIVE_INDEX` pointer (atomic), then, when a Redis URL is given, sets `{prefix}active_index` and
-   publishes the version on `{prefix}index_published`, which running services listen to.
+7. moves the `ACTIVE_INDEX` pointer (atomic), then, when a Redis URL is given, sets the active-index key and
+   publishes the version on the index-published channel (`training.redis_keys`), which running services follow.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,178 +34,24 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from training import artifacts
-from training.artifacts import INDEX_ITEMS, ArtifactError, ArtifactStore, LoadedModel, load_model
-from training.data import DataFormatError, is_list, is_missing, multi_values, read_table
-from training.features import FeatureDef, FeatureSpec, encode_items, encode_users
-from training.index import build_index, choose_recipe, save_index
+from training.artifacts import INDEX_ITEMS, INDEX_VERSION_PREFIX, ArtifactError, ArtifactStore, LoadedModel, load_model
+from training.catalog import CatalogError, catalog_sha256, normalize_catalog, read_catalog
+from training.features import encode_item_frame, encode_user_frame
+from training.index import save_index
+from training.index_build import build_index, choose_recipe
 from training.model import TwoTower, embed_items, embed_users
-
-__all__ = [
-    "ITEMS_FILE",
-    "CatalogError",
-    "catalog_sha256",
-    "embed_catalog",
-    "normalize_catalog",
-    "notify_redis",
-    "read_catalog",
-    "reindex",
-    "user_queries",
-]
+from training.redis_keys import DEFAULT_PREFIX, RedisKeys
 
 log = logging.getLogger(__name__)
 
-ITEMS_FILE = INDEX_ITEMS
-INDEX_VERSION_PREFIX = "idx-"
-ID_COLUMNS = ("item_id", "item")
 RECALL_K = 10
 # Recall is measured on at most this many of the model's training users (their user-tower outputs): enough for
-# a recall@10 estimate within about ±0.005, and the exact reference search stays a few seconds at 1M items.
+# a recall@10 estimate within about ±0.005, and the exact reference search stays short on large catalogs.
 RECALL_QUERIES = 2000
-# Items per item-tower forward pass: bounds the encoded arrays and activations (a few MB per chunk) whatever the
-# catalog size; only the (N, D) float32 output, which the index needs anyway, grows with the catalog.
+# Items per item-tower forward pass: bounds the encoded arrays and activations whatever the catalog size; only
+# the (N, D) float32 output, which the index needs anyway, grows with the catalog.
 EMBED_CHUNK = 65_536
 REDIS_TIMEOUT_S = 5.0
-_SHOWN = 5  # offending ids/rows quoted in an error message
-
-
-class CatalogError(ValueError):
-    """The catalog to index is malformed; the message names the problem (source, column, ids or rows)."""
-
-
-# --------------------------------------------------------------------------- reading and validating the catalog
-
-
-def read_catalog(path: str | Path) -> pd.DataFrame:
-    """An items table from a `.parquet` or `.csv` file, as read (validation is `normalize_catalog`'s job);
-    read by the same reader as the training tables (`training.data.read_table`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CatalogError(f"catalog file {path} does not exist")
-    try:
-        return read_table(path).frame.reset_index(drop=True)
-    except DataFormatError as e:
-        raise CatalogError(str(e)) from e
-
-
-def _rows(positions: Sequence[int] | np.ndarray) -> str:
-    shown = ", ".join(str(int(p) + 1) for p in positions[:_SHOWN])
-    more = f" and {len(positions) - _SHOWN} more" if len(positions) > _SHOWN else ""
-    return f"row{'s' if len(positions) > 1 else ''} {shown}{more}"
-
-
-def _item_ids(frame: pd.DataFrame, source: str) -> tuple[pd.Index, pd.DataFrame]:
-    """(str ids, the other columns) from an `item_id` (or `item`) column, else an index of that name."""
-    column = next((c for c in ID_COLUMNS if c in frame.columns), None)
-    if column is not None:
-        raw, rest = frame[column], frame.drop(columns=[column])
-    elif frame.index.name in ID_COLUMNS:
-        raw, rest = frame.index.to_series(), frame
-    else:
-        raise CatalogError(
-            f"{source}: no item id column: expected 'item_id' (or 'item'); found columns {[str(c) for c in frame]}"
-        )
-    values = list(raw)
-    missing = [i for i, v in enumerate(values) if is_missing(v) or (isinstance(v, str) and v.strip() == "")]
-    if missing:
-        raise CatalogError(f"{source}: item_id is missing (empty, NaN or None) in {_rows(missing)}")
-    if any(is_list(v) for v in values):
-        bad = [i for i, v in enumerate(values) if is_list(v)]
-        raise CatalogError(f"{source}: item_id must be a single value, found a list in {_rows(bad)}")
-    # Integer ids stored as floats (a Parquet column written from floats) must read "7", not "7.0".
-    ids = [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in values]
-    index = pd.Index(ids, dtype=object, name="item_id")
-    if not index.is_unique:
-        counts = index.value_counts()
-        duplicated = counts[counts > 1]
-        shown = ", ".join(f"{item!r} ({n}x)" for item, n in duplicated.head(_SHOWN).items())
-        raise CatalogError(
-            f"{source}: {len(duplicated)} duplicate item id{'s' if len(duplicated) > 1 else ''}: {shown}"
-            + (" ..." if len(duplicated) > _SHOWN else "")
-            + "; each item must appear once"
-        )
-    return index, rest.reset_index(drop=True)
-
-
-def _multi_values(value: Any) -> list[str] | None:
-    """A multi-valued cell's values (`training.data.multi_values`); None when the cell is not list-like."""
-    if is_list(value):
-        return multi_values(value) if np.ndim(value) == 1 else None
-    return multi_values(value) if isinstance(value, str) or is_missing(value) else None
-
-
-def _normalize_feature(feature: FeatureDef, column: pd.Series, source: str) -> list[Any] | pd.Series:
-    """One feature column in a canonical form that gives the same tokens as the raw values and survives a
-    Parquet round trip unchanged (the service re-encodes `items.parquet` and must get the same vectors)."""
-    values = list(column)
-    name = feature.name
-    if feature.kind == "multi":
-        lists = [_multi_values(v) for v in values]
-        bad = [i for i, v in enumerate(lists) if v is None]
-        if bad:
-            raise CatalogError(
-                f"{source}: column {name!r} is multi-valued: expected a list (Parquet) or a '|'-separated string "
-                f"(CSV), found {type(values[bad[0]]).__name__} {values[bad[0]]!r} in {_rows(bad)}"
-            )
-        return lists
-    bad = [i for i, v in enumerate(values) if is_list(v)]
-    if bad:
-        raise CatalogError(
-            f"{source}: column {name!r} takes one value per item, found a list {values[bad[0]]!r} in {_rows(bad)}"
-        )
-    if feature.kind == "bucket":
-        numbers = pd.to_numeric(column, errors="coerce")
-        missing_before = np.array([is_missing(v) or (isinstance(v, str) and v.strip() == "") for v in values])
-        bad_numbers = np.flatnonzero(numbers.isna().to_numpy() & ~missing_before)
-        if len(bad_numbers):
-            raise CatalogError(
-                f"{source}: column {name!r} is numeric: found {values[bad_numbers[0]]!r} in {_rows(bad_numbers)}"
-            )
-        return numbers.astype(np.float64)
-    # Categorical and prefix features: the very text `FeatureDef.tokens` derives from the raw value.
-    return [None if is_missing(v) else str(v).strip() or None for v in values]
-
-
-def normalize_catalog(frame: pd.DataFrame, spec: FeatureSpec, source: str = "catalog") -> pd.DataFrame:
-    """Validate a catalog against the model's item features and return it normalized: a str `item_id` index,
-    multi-valued features as lists of str, numeric (bucket) features as float, other features as str or None.
-    Columns the model does not use are kept as they are (the service filters on them).
-
-    Raises `CatalogError` naming the source and the problem: no or missing/NaN/duplicate ids, a feature column
-    the model needs is absent, a multi-valued cell that is not a list, a list where one value is expected, a
-    non-numeric value in a numeric feature, an empty catalog."""
-    if len(frame) == 0:
-        raise CatalogError(f"{source}: the catalog is empty; an index needs at least one item")
-    index, rest = _item_ids(frame, source)
-    missing = [f.name for f in spec.item_features if f.name not in rest.columns]
-    if missing:
-        raise CatalogError(
-            f"{source}: missing feature column{'s' if len(missing) > 1 else ''} {missing} that the model's item "
-            f"tower needs; found columns {[str(c) for c in rest.columns]}"
-        )
-    columns: dict[str, Any] = {str(c): rest[c] for c in rest.columns}  # rest has a RangeIndex: no realignment
-    for feature in spec.item_features:
-        columns[feature.name] = _normalize_feature(feature, rest[feature.name], source)
-    return pd.DataFrame(columns, index=pd.RangeIndex(len(index))).set_axis(index, axis=0)
-
-
-def _canonical(value: Any) -> str:
-    if is_list(value):
-        return "[" + "\x1f".join(map(str, value)) + "]"
-    if is_missing(value):
-        return "\x00"
-    return str(value)
-
-
-def catalog_sha256(catalog: pd.DataFrame) -> str:
-    """Content hash of a normalized catalog: ids in order, then every column by name, value by value.
-
-    The same items in the same order hash the same whether they came from CSV, Parquet or a DataFrame."""
-    digest = hashlib.sha256()
-    digest.update("\x1e".join(map(str, catalog.index)).encode())
-    for name in sorted(map(str, catalog.columns)):
-        digest.update(f"\x1d{name}\x1d".encode())
-        digest.update("\x1e".join(map(_canonical, catalog[name])).encode())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- towers
@@ -217,15 +61,12 @@ def embed_catalog(
     model: TwoTower, catalog: pd.DataFrame, chunk: int = EMBED_CHUNK, progress: bool = True
 ) -> np.ndarray:
     """(N, D) float32 item-tower outputs for a normalized catalog, encoded and embedded `chunk` items at a time."""
-    spec = model.spec
     n = len(catalog)
     out = np.empty((n, model.config.dim), dtype=np.float32)  # (N, D)
     with tqdm(total=n, unit="item", desc="embed items", disable=not progress) as bar:
         for start in range(0, n, chunk):
             part = catalog.iloc[start : start + chunk]
-            encoded = encode_items(
-                spec, model.vocabs, part.index.tolist(), {f.name: part[f.name].tolist() for f in spec.item_features}
-            )
+            encoded = encode_item_frame(model.spec, model.vocabs, part)
             out[start : start + len(part)] = embed_items(model, encoded, chunk=chunk)
             bar.update(len(part))
     return out
@@ -244,19 +85,7 @@ def user_queries(loaded: LoadedModel, max_users: int = RECALL_QUERIES, seed: int
     if len(users) > max_users:
         rows = np.sort(np.random.default_rng(seed).choice(len(users), size=max_users, replace=False))
         users = users.iloc[rows]
-    spec, vocabs = loaded.model.spec, loaded.model.vocabs
-    histories = (
-        [[] if is_missing(h) else [str(i) for i in h] for h in users["history"]]
-        if "history" in users.columns
-        else [[] for _ in range(len(users))]
-    )
-    encoded = encode_users(
-        spec,
-        vocabs,
-        [str(u) for u in users.index],
-        {f.name: users[f.name].tolist() for f in spec.user_features if f.name in users.columns},
-        histories,
-    )
+    encoded = encode_user_frame(loaded.model.spec, loaded.model.vocabs, users)
     return embed_users(loaded.model, encoded)
 
 
@@ -264,14 +93,15 @@ def user_queries(loaded: LoadedModel, max_users: int = RECALL_QUERIES, seed: int
 
 
 def notify_redis(url: str, prefix: str, version: str) -> int:
-    """SET `{prefix}active_index` and PUBLISH the version on `{prefix}index_published`; returns the number of
-    subscribers that received it. Raises redis.RedisError (or OSError) when Redis cannot be reached."""
+    """SET the active-index key and PUBLISH the version on the index-published channel (`RedisKeys`); returns the
+    number of subscribers that received it. Raises redis.RedisError (or OSError) when Redis cannot be reached."""
     import redis
 
+    keys = RedisKeys(prefix)
     client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
     try:
-        client.set(f"{prefix}active_index", version)
-        return int(client.publish(f"{prefix}index_published", version))
+        client.set(keys.active_index, version)
+        return int(client.publish(keys.index_published, version))
     finally:
         client.close()
 
@@ -290,7 +120,7 @@ def _matching_active(store: ArtifactStore, key: dict[str, Any]) -> str | None:
     if active is None or not store.index_dir(active).is_dir():
         return None
     try:
-        manifest = artifacts.read_manifest(store.index_dir(active), "index")
+        manifest = store.index_manifest(active)
     except ArtifactError as e:
         log.warning("active index %s is unreadable (%s); building a new one", active, e)
         return None
@@ -311,7 +141,7 @@ def reindex(
     recipe: str = "auto",
     recall_target: float = 0.95,
     redis_url: str | None = None,
-    redis_prefix: str = "twotower:",
+    redis_prefix: str = DEFAULT_PREFIX,
     progress: bool = True,
 ) -> str:
     """Index the current catalog with a model's item tower, publish it and make it active; returns its version.
@@ -365,7 +195,7 @@ def reindex(
     timings = {"load_s": time.perf_counter() - started}
     with artifacts.publishing(store.index_dir(version)) as tmp:
         # Written first: a catalog Parquet cannot hold fails before the expensive part.
-        _write_items(items, tmp / ITEMS_FILE, source)
+        _write_items(items, tmp / INDEX_ITEMS, source)
         start = time.perf_counter()
         vectors = embed_catalog(model, items, progress=progress)  # (N, D)
         timings["embed_s"] = time.perf_counter() - start
@@ -390,7 +220,7 @@ def reindex(
             {
                 "catalog_sha256": digest,
                 "catalog_source": source,
-                "items_file": ITEMS_FILE,
+                "items_file": INDEX_ITEMS,
                 "new_items": new_items,
                 "normalized": bool(model.config.normalize),
                 "recipe_requested": recipe,

@@ -1,8 +1,9 @@
 """The training loop: vocabularies from the training split, examples without target leakage, early stopping
 on a validation slice carved from the training rows, curves, and the model artifact.
 
-Read top to bottom: `TrainConfig` -> `TrainingData` (encoded once) -> `fit` (epochs, early stopping) ->
-`train_and_save` (the `twotower train` entry point: split, fit, evaluate, write the artifact).
+Read top to bottom: `TrainingData` (the fit rows encoded once) -> `Trainer` (batches and the loss step) ->
+`fit` (epochs, early stopping, refit) -> `train_and_save` (the `twotower train` entry point: split, fit,
+evaluate, write the artifact). The recipe is `training.config.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,88 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from training.artifacts import ArtifactStore, save_model, write_json
-from training.data import Dataset, split_random
-from training.evaluate import Protocol, RankingMetrics
-from training.features import (
-    EncodedItems,
-    EncodedUsers,
-    Vocabularies,
-    build_vocabularies,
-    encode_items,
-    encode_users,
-)
-from training.losses import LossName, NegativeSampler, bpr_loss, softmax_loss, triplet_loss
-from training.model import TowerConfig, TwoTower, embed_items, embed_users
+from training.config import TrainConfig
+from training.dataset import Dataset, histories, split_random, users_table
+from training.evaluate import Protocol, encode_protocol_users, evaluate
+from training.features import EncodedItems, EncodedUsers, build_vocabularies, encode_item_frame, encode_user_frame
+from training.losses import NegativeSampler, bpr_loss, softmax_loss, triplet_loss
+from training.model import TwoTower, embed_items, embed_users
+from training.plots import plot_curves
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Defaults are the recipe measured best on MovieLens 100K (docs/loss.md; benchmarks/quality.py)."""
-
-    loss: LossName = "softmax"
-    epochs: int = 400
-    batch_size: int = 1024  # users per step; each brings all of its held-out positives
-    eval_every: int = 10  # epochs between validation passes
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    temperature: float = 1.0  # softmax (unnormalised towers: the scale is learned by the embeddings)
-    margin: float = 1.0  # triplet
-    negatives: Literal["uniform", "popularity"] = "uniform"  # triplet, bpr
-    logq: bool = True  # softmax: logQ correction
-    uniform_negatives: int = 0  # softmax: extra negative columns drawn uniformly from the catalog
-    # fraction of a user's items shown as history; the rest are the batch's positives. MovieLens 100K split seed 0,
-    # validation NDCG@10: 0.2 -> 0.2017, 0.3 -> 0.2021, 0.4 -> 0.2008, 0.5 -> 0.2003, 0.7 -> 0.1973 (seed 1: 0.3
-    # 0.2005 vs 0.5 0.1990)
-    history_keep: float = 0.3
-    id_dropout: float = 0.1  # chance an example's user/item id is replaced by "unknown" (trains cold start)
-    feature_dropout: float = 0.0  # chance each of a user's features is replaced by "unknown" (regularises them)
-    val_fraction: float = 0.1
-    patience: int = 5  # validation passes without improvement before stopping
-    seed: int = 0
-    max_seconds: float | None = None
-    # after early stopping picks the epoch count on the fit rows, retrain from scratch on ALL training rows
-    # (validation slice included) for that many epochs; vocabularies then come from all training rows. Judged on
-    # validation by nesting (fit on the 90% fit rows with and without refit, score their 10% slice), MovieLens
-    # 100K split seed 0: 0.1979 -> 0.1989 (history_keep 0.3), 0.1956 -> 0.1968 (0.5). Doubles training time.
-    refit: bool = True
-    tower: TowerConfig = field(default_factory=TowerConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tower": self.tower.to_dict()}
-
-
-def histories(rows: pd.DataFrame) -> dict[str, list[str]]:
-    """Each user's items, newest first (the order the service keeps in Redis)."""
-    ordered = rows.sort_values("timestamp", ascending=False, kind="stable")
-    return {str(user): list(items) for user, items in ordered.groupby("user_id", sort=False).item_id}
-
-
-def encode_catalog(model_or_vocabs: TwoTower | Vocabularies, dataset: Dataset) -> EncodedItems:
-    vocabs = model_or_vocabs.vocabs if isinstance(model_or_vocabs, TwoTower) else model_or_vocabs
-    items = dataset.items
-    return encode_items(
-        dataset.spec,
-        vocabs,
-        list(items.index),
-        {f.name: items[f.name].tolist() for f in dataset.spec.item_features if f.name in items},
-    )
-
-
-def encode_user_rows(
-    vocabs: Vocabularies, dataset: Dataset, users: list[str], history_rows: pd.DataFrame
-) -> EncodedUsers:
-    """Encode `users` with their features from the dataset and their history from `history_rows`."""
-    table = dataset.users.reindex(users)
-    hist = histories(history_rows)
-    return encode_users(
-        dataset.spec,
-        vocabs,
-        users,
-        {f.name: table[f.name].tolist() for f in dataset.spec.user_features if f.name in table},
-        [hist.get(u, []) for u in users],
-    )
 
 
 class TrainingData:
@@ -126,7 +54,7 @@ class TrainingData:
             {f.name: item_rows[f.name].tolist() for f in spec.item_features if f.name in item_rows},
         )
         self.catalog_ids = np.array(dataset.items.index, dtype=object)
-        self.items = encode_catalog(self.vocabs, dataset)
+        self.items = encode_item_frame(spec, self.vocabs, dataset.items)
         self.user_ids = fit_users
         item_pos = {item: i for i, item in enumerate(self.catalog_ids)}
         hist = histories(fit)
@@ -137,7 +65,7 @@ class TrainingData:
         self.flat_items = np.array([item_pos[i] for u in fit_users for i in hist[u]], dtype=np.int64)
         self.item_counts = np.bincount(fit.item_id.map(item_pos), minlength=len(self.catalog_ids)).astype(np.float64)
         # Ids and features encoded once (histories are drawn per batch): (users,) and (users, width) arrays.
-        self.users = encode_users(spec, self.vocabs, fit_users, self.user_features, [[] for _ in fit_users])
+        self.users = encode_user_frame(spec, self.vocabs, user_rows, [[] for _ in fit_users])
         # (users, catalog) sparse: does user u have item i among its training items (accidental-hit masks).
         self.owned = sp.csr_matrix(
             (np.ones(len(self.flat_items), dtype=bool), self.flat_items, self.starts),
@@ -235,7 +163,7 @@ class Trainer:
             negatives = self.sampler.sample(len(owner)).numpy()
             columns, inverse = np.unique(np.concatenate([batch.positives, negatives]), return_inverse=True)
             vectors = model.items(self.item_batch(columns))  # (C, D)
-            # index_select, not v[idx] nor slices of one gather: their backward passes add rows up 3-4x slower
+            # index_select, not v[idx] nor slices of one gather: their backward passes add rows up much slower
             rows = torch.from_numpy(inverse.astype(np.int64))
             positive = torch.index_select(vectors, 0, rows[: len(owner)])  # (T, D)
             negative = torch.index_select(vectors, 0, rows[len(owner) :])  # (T, D)
@@ -291,7 +219,7 @@ def fit(dataset: Dataset, train: pd.DataFrame, config: TrainConfig, progress: bo
     model = TwoTower(dataset.spec, data.vocabs, config.tower)
     trainer = Trainer(model, data, config)
     validation = Protocol(list(data.catalog_ids), fit_rows, val_rows)
-    val_users = encode_user_rows(data.vocabs, dataset, validation.users, fit_rows)
+    val_users = encode_protocol_users(data.vocabs, dataset, validation.users, fit_rows)
 
     curves: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, Any]] = (-math.inf, -1, {})
@@ -340,43 +268,6 @@ def _refit(dataset: Dataset, train: pd.DataFrame, config: TrainConfig, epochs: i
     return model
 
 
-def evaluate(model: TwoTower, dataset: Dataset, train: pd.DataFrame, test: pd.DataFrame) -> RankingMetrics:
-    """Test metrics (DESIGN §4): users' histories are their training items; those items are excluded."""
-    protocol = Protocol(list(dataset.items.index), train, test)
-    users = encode_user_rows(model.vocabs, dataset, protocol.users, train)
-    return protocol.score(embed_users(model, users), embed_items(model, encode_catalog(model, dataset)))
-
-
-def plot_curves(curves: list[dict[str, float]], path: Path, title: str) -> None:
-    """Training loss and validation NDCG@10 per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [c["epoch"] for c in curves]
-    fig, loss_axis = plt.subplots(figsize=(7, 4))
-    loss_axis.plot(epochs, [c["loss"] for c in curves], color="tab:blue", marker="o", label="training loss")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("training loss", color="tab:blue")
-    ndcg_axis = loss_axis.twinx()
-    ndcg_axis.plot(epochs, [c["val_ndcg@10"] for c in curves], color="tab:red", marker="s", label="val NDCG@10")
-    ndcg_axis.set_ylabel("validation NDCG@10", color="tab:red")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def users_table(dataset: Dataset, rows: pd.DataFrame) -> pd.DataFrame:
-    """Raw user features plus history (newest first) for every user in `rows`: what load-features serves from."""
-    hist = histories(rows)
-    users = sorted(hist)
-    table = dataset.users.reindex(users).copy()
-    table["history"] = [hist[u] for u in users]
-    return table.rename_axis("user_id")
-
-
 def train_and_save(
     dataset: Dataset, store: ArtifactStore, config: TrainConfig, holdout: float = 0.2, progress: bool = True
 ) -> Path:
@@ -396,7 +287,7 @@ def train_and_save(
     if len(test):
         metrics["test"] = evaluate(result.model, dataset, train, test).as_dict()
         metrics["test_popularity"] = Protocol(list(dataset.items.index), train, test).popularity(train).as_dict()
-    catalog = encode_catalog(result.model, dataset)
+    catalog = encode_item_frame(dataset.spec, result.model.vocabs, dataset.items)
     model_dir = save_model(
         store,
         result.model,

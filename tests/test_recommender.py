@@ -1,11 +1,9 @@
-"""Micro-batching returns exactly what unbatched calls return; one bad request never fails its batch-mates; the
-directly written JSON is the `RecommendResponse` JSON."""
+"""`service.recommender.Recommender` through the real app: micro-batched answers are exactly the unbatched ones, and
+one bad request never fails its batch-mates."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +11,18 @@ import httpx
 import pytest
 
 from service.app import create_app
-from service.batcher import MicroBatcher
-from service.retriever import Recommendation
-from service.routes import recommendation_json
-from service.schemas import RecommendResponse, ScoredItem
-from tests.test_service_support import load_users, make_settings, redis_server, serving_root
+from tests.helpers import load_users, make_settings, serving_root
 from training.artifacts import LoadedModel
 
 
 @pytest.fixture(scope="module")
-def served_root(trained_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+def served_root(
+    trained_model: LoadedModel, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
     root: Path = tmp_path_factory.mktemp("batching")
     serving_root(trained_model, root)
-    with redis_server(root / "redis") as server:
-        load_users(trained_model, server.url, "batch:", root / "data")
-        yield root, server.url
+    load_users(trained_model.users(), redis_url, "batch:", root / "data")
+    return root, redis_url
 
 
 def _bodies(model: LoadedModel) -> list[dict[str, Any]]:
@@ -53,7 +48,7 @@ async def _answers(root: Path, url: str, bodies: list[dict[str, Any]], *, concur
                 responses = await asyncio.gather(*(client.post("/v1/recommendations", json=b) for b in bodies))
             else:
                 responses = [await client.post("/v1/recommendations", json=b) for b in bodies]
-        batcher = app.state.services.batcher
+        batcher = app.state.services.recommender.batcher
         return [(r.status_code, r.json()) for r in responses], batcher.batches, batcher.items
 
 
@@ -81,44 +76,3 @@ def test_a_bad_request_in_a_batch_gets_its_own_422_and_the_others_are_answered(
     assert batches < len(bodies)
     assert [status for status, _ in answers] == [200, 200, 200, 422, 200, 200, 200]
     assert answers[3][1]["detail"][0]["loc"] == ["body", "features", "not_a_feature"]
-
-
-def test_recommendation_json_is_the_response_model_json() -> None:
-    result = Recommendation(
-        item_ids=["a", 'quote"d', "ünï"],
-        scores=[0.1234567, -2.5e-08, 3.0],
-        path="known_user",
-        model_version="m1",
-        index_version="idx-1",
-    )
-    for user_id, degraded in ((None, False), ("u\\1", True)):
-        model = RecommendResponse(
-            user_id=user_id,
-            items=[ScoredItem(item_id=i, score=s) for i, s in zip(result.item_ids, result.scores, strict=True)],
-            model_version="m1",
-            index_version="idx-1",
-            path="known_user",
-            degraded=degraded,
-            exact_fallback=False,
-        )
-        written = recommendation_json(user_id, result, degraded)
-        assert json.loads(written) == json.loads(model.model_dump_json())
-        assert list(json.loads(written)) == list(RecommendResponse.model_fields)
-
-
-def test_batcher_isolates_item_errors_and_batches_concurrent_submits() -> None:
-    seen: list[list[int]] = []
-
-    async def process(items: Any) -> list[int | BaseException]:
-        seen.append(list(items))
-        await asyncio.sleep(0.001)
-        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
-
-    async def run() -> list[Any]:
-        batcher: MicroBatcher[int, int] = MicroBatcher(process, max_batch=4)
-        return await asyncio.gather(*(batcher.submit(i) for i in [1, 2, -3, 4, 5, 6]), return_exceptions=True)
-
-    results = asyncio.run(run())
-    assert results[:2] == [10, 20] and results[3:] == [40, 50, 60]
-    assert isinstance(results[2], ValueError) and str(results[2]) == "bad -3"
-    assert [len(batch) for batch in seen] == [4, 2]

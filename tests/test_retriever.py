@@ -1,7 +1,9 @@
-"""The retriever as a plain class (no HTTP, no Redis): lifecycle, pairing checks, filters and exact fallback."""
+"""The retriever as a plain class (no HTTP, no Redis): lifecycle, filters and exact fallback, and the answer
+cache (keyed by record revision, one per pair)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +11,8 @@ import pytest
 
 from service.errors import NotReadyError
 from service.retriever import Retriever, UserQuery
-from tests.test_service_support import brute_force, copy_model, derived_model, publish_index, serving_root
-from training.artifacts import ArtifactError, ArtifactStore, LoadedModel, VersionMismatchError
+from tests.helpers import brute_force, publish_index, serving_root
+from training.artifacts import ArtifactError, ArtifactStore, LoadedModel
 
 
 def trained_user(model: LoadedModel, row: int) -> tuple[str, dict[str, Any], list[str]]:
@@ -30,13 +32,6 @@ def test_retriever_is_cheap_to_build_and_not_ready_until_loaded(tmp_path: Path) 
         retriever.load()
 
 
-def test_load_pairs_the_active_index_with_the_model_it_names(trained_model: LoadedModel, tmp_path: Path) -> None:
-    model_version, index_version = serving_root(trained_model, tmp_path)
-    pair = Retriever(tmp_path).load()
-    assert (pair.model_version, pair.index_version) == (model_version, index_version)
-    assert len(pair.index) == trained_model.manifest["item_count"]
-
-
 def test_a_failed_load_keeps_the_previous_pair_serving(trained_model: LoadedModel, tmp_path: Path) -> None:
     model_version, _ = serving_root(trained_model, tmp_path)
     retriever = Retriever(tmp_path)
@@ -48,32 +43,8 @@ def test_a_failed_load_keeps_the_previous_pair_serving(trained_model: LoadedMode
     index_file.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="corrupted"):
         retriever.load(broken)
-    assert retriever.pair is before
+    assert retriever.current is before
     assert retriever.recommend([UserQuery(k=3)])[0].index_version == before.index_version
-
-
-def test_an_index_whose_model_directory_holds_another_version_is_refused_naming_both(
-    trained_model: LoadedModel, tmp_path: Path
-) -> None:
-    copy_model(trained_model, tmp_path)
-    # A copy of the model under another name: its manifest still says which training run it is.
-    renamed = ArtifactStore(tmp_path).model_dir("renamed-model")
-    ArtifactStore(tmp_path).models.joinpath(trained_model.version).rename(renamed)
-    index_version = publish_index(tmp_path, "renamed-model")
-    with pytest.raises(VersionMismatchError) as info:
-        Retriever(tmp_path).load()
-    assert "renamed-model" in str(info.value)
-    assert trained_model.version in str(info.value)
-    assert index_version in str(info.value)
-
-
-def test_an_index_of_vectors_from_another_item_tower_is_refused(trained_model: LoadedModel, tmp_path: Path) -> None:
-    copy_model(trained_model, tmp_path)
-    other = derived_model(trained_model, tmp_path, seed=1)
-    _, vectors = trained_model.item_embeddings()
-    publish_index(tmp_path, other, vectors=vectors)  # manifest says `other`, vectors are the first model's
-    with pytest.raises(VersionMismatchError, match="item vectors differ"):
-        Retriever(tmp_path).load()
 
 
 def test_a_filter_the_over_fetch_cannot_fill_falls_back_to_exact_search_over_matching_items(
@@ -98,34 +69,48 @@ def test_a_filter_the_over_fetch_cannot_fill_falls_back_to_exact_search_over_mat
         assert result.scores == pytest.approx([score for _, score in expected], rel=1e-4, abs=1e-5)
 
 
-def test_a_stored_record_seen_again_reuses_its_vector_and_seen_items_and_a_changed_one_does_not(
+def test_a_stored_record_seen_again_reuses_its_vector_and_answer_and_a_changed_one_does_not(
     trained_model: LoadedModel, tmp_path: Path
 ) -> None:
     serving_root(trained_model, tmp_path)
     retriever = Retriever(tmp_path)
-    pair = retriever.load()
+    retriever.load()
+    cache = retriever.cache
+    assert cache is not None
     user_id, features, history = trained_user(trained_model, 3)
-    record = object()  # stands for the store's StoredUser: only its identity matters to the retriever
 
     def ask(
-        source: object | None, history: list[str], exclude: frozenset[str] = frozenset(), exclude_seen: bool = True
+        revision: str | None, history: list[str], exclude: frozenset[str] = frozenset(), exclude_seen: bool = True
     ) -> list[str]:
-        query = UserQuery(user_id, features, history, history, 10, exclude, exclude_seen, stored=True, source=source)
-        return retriever.recommend([query])[0].item_ids
+        query = UserQuery(user_id, features, history, history, 10, exclude, exclude_seen, stored=True)
+        return retriever.recommend([replace(query, record_revision=revision)])[0].item_ids
 
     plain = ask(None, history)
-    assert ask(record, history, exclude_seen=False) == ask(None, history, exclude_seen=False)
-    assert ask(record, history) == plain  # computed and remembered
-    assert pair.memo[user_id].source is record
-    remembered = pair.memo[user_id]
-    assert list(remembered.answers[10].item_ids) == plain  # its top-10: the next ask is answered without a search
-    assert ask(record, history) == plain and pair.memo[user_id] is remembered  # reused, same answer
-    assert ask(record, history, exclude=frozenset(plain[:2])) == ask(None, history, exclude=frozenset(plain[:2]))
-    changed = [plain[0], *history]  # the user consumed the top item: the store returns a NEW record
-    assert ask(object(), changed) == ask(None, changed) != plain
-    assert pair.memo[user_id] is not remembered
+    assert len(cache) == 0  # a query that is not a stored record is never remembered
+    assert ask("r1", history, exclude_seen=False) == ask(None, history, exclude_seen=False)
+    remembered = cache.lookup(user_id, "r1")
+    assert remembered is not None and not remembered.answers  # its vector and seen items; nothing asked plainly yet
+    assert ask("r1", history) == plain  # answered and remembered
+    assert list(remembered.answers[10].item_ids) == plain  # the next plain ask is answered without a search
+    assert ask("r1", history) == plain and cache.lookup(user_id, "r1") is remembered  # reused, same answer
+    assert ask("r1", history, exclude=frozenset(plain[:2])) == ask(None, history, exclude=frozenset(plain[:2]))
+    changed = [plain[0], *history]  # the user consumed the top item: the store reads a new revision
+    assert ask("r2", changed) == ask(None, changed) != plain
+    assert cache.lookup(user_id, "r1") is None and cache.lookup(user_id, "r2") is not None
     expected = brute_force(trained_model, user_id=user_id, features=features, history=changed, k=10, exclude=changed)
-    assert ask(pair.memo[user_id].source, changed) == [item for item, _ in expected]
+    assert ask("r2", changed) == [item for item, _ in expected]
+
+
+def test_a_new_pair_starts_with_an_empty_answer_cache(trained_model: LoadedModel, tmp_path: Path) -> None:
+    model_version, _ = serving_root(trained_model, tmp_path)
+    retriever = Retriever(tmp_path)
+    retriever.load()
+    user_id, features, history = trained_user(trained_model, 3)
+    query = UserQuery(user_id, features, history, history, 10, stored=True, record_revision="r1")
+    retriever.recommend([query])
+    assert retriever.cache is not None and len(retriever.cache) == 1
+    retriever.load(publish_index(tmp_path, model_version))
+    assert retriever.cache is not None and len(retriever.cache) == 0
 
 
 def test_cold_users_share_one_answer_per_k_and_a_mixed_batch_searches_only_the_rest(
@@ -133,12 +118,14 @@ def test_cold_users_share_one_answer_per_k_and_a_mixed_batch_searches_only_the_r
 ) -> None:
     serving_root(trained_model, tmp_path)
     retriever = Retriever(tmp_path)
-    pair = retriever.load()
-    assert pair.cold is not None and not pair.cold.answers
+    retriever.load()
+    assert retriever.cache is not None
+    cold_answers = retriever.cache.cold.answers
+    assert not cold_answers
     cold = brute_force(trained_model, user_id=None, features={}, history=[], k=5)
     first = retriever.recommend([UserQuery(k=5)])[0]
     assert first.item_ids == [item for item, _ in cold] and first.path == "cold_start"
-    assert list(pair.cold.answers[5].item_ids) == first.item_ids  # remembered for every later cold user
+    assert list(cold_answers[5].item_ids) == first.item_ids  # remembered for every later cold user
 
     user_id, features, history = trained_user(trained_model, 5)
     batch = [
@@ -157,6 +144,6 @@ def test_cold_users_share_one_answer_per_k_and_a_mixed_batch_searches_only_the_r
     for result, want in zip(results, expected, strict=True):
         assert result.item_ids == [item for item, _ in want]
         assert result.scores == pytest.approx([score for _, score in want], rel=1e-4, abs=1e-5)
-    assert sorted(pair.cold.answers) == [3, 5]
+    assert sorted(cold_answers) == [3, 5]
     results[0].item_ids.append("mutated")  # a caller's list is its own: the remembered answer is unchanged
     assert retriever.recommend([UserQuery(k=5)])[0].item_ids == first.item_ids

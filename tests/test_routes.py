@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.store import load_users_into_redis
-from tests.test_service_support import (
-    assert_same_ranking,
-    brute_force,
-    load_users,
-    make_settings,
-    redis_server,
-    serving_root,
-)
+from tests.helpers import assert_same_ranking, brute_force, load_users, make_settings, serving_root
 from training.artifacts import LoadedModel
 
 
@@ -50,36 +41,50 @@ class Served:
         result: dict[str, Any] = response.json()
         return result
 
+    def reference(
+        self,
+        user_id: str,
+        k: int,
+        history: list[str] | None = None,
+        exclude_seen: bool = True,
+        exclude: Collection[str] = (),
+        allowed: Collection[str] | None = None,
+    ) -> list[tuple[str, float]]:
+        """The brute-force ranking of a stored user: its features, `history` (default: the stored one)."""
+        history = self.history(user_id) if history is None else history
+        excluded = {*(history if exclude_seen else ()), *exclude}
+        features = self.features(user_id)
+        return brute_force(
+            self.model, user_id=user_id, features=features, history=history, k=k, exclude=excluded, allowed=allowed
+        )
+
     def with_genre(self, genre: str) -> set[str]:
         return {str(item) for item, genres in self.catalog["genres"].items() if genre in list(genres)}
 
 
 @pytest.fixture(scope="module")
-def served(trained_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(trained_model: LoadedModel, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root: Path = tmp_path_factory.mktemp("recommend")
     model_version, index_version = serving_root(trained_model, root)
-    with redis_server(root / "redis") as server:
-        load_users(trained_model, server.url, "rec:", root / "data")
-        with TestClient(create_app(make_settings(root, server.url, "rec:"))) as client:
-            yield Served(
-                client,
-                server.url,
-                root,
-                trained_model,
-                model_version,
-                index_version,
-                trained_model.users(),
-                trained_model.catalog(),
-            )
+    load_users(trained_model.users(), redis_url, "rec:", root / "data")
+    with TestClient(create_app(make_settings(root, redis_url, "rec:"))) as client:
+        yield Served(
+            client,
+            redis_url,
+            root,
+            trained_model,
+            model_version,
+            index_version,
+            trained_model.users(),
+            trained_model.catalog(),
+        )
 
 
 def test_recommendations_equal_brute_force_ranking_minus_seen_items(served: Served) -> None:
     for user_id in served.users.index[:6]:
         body = served.recommend(user_id=user_id, k=10)
         history = served.history(user_id)
-        expected = brute_force(
-            served.model, user_id=user_id, features=served.features(user_id), history=history, k=10, exclude=history
-        )
+        expected = served.reference(user_id, 10)
         assert body["path"] == "known_user"
         assert body["degraded"] is False
         assert (body["model_version"], body["index_version"]) == (served.model_version, served.index_version)
@@ -90,9 +95,7 @@ def test_recommendations_equal_brute_force_ranking_minus_seen_items(served: Serv
 def test_exclude_seen_false_ranks_history_items_too(served: Served) -> None:
     user_id = served.users.index[0]
     body = served.recommend(user_id=user_id, k=20, exclude_seen=False)
-    expected = brute_force(
-        served.model, user_id=user_id, features=served.features(user_id), history=served.history(user_id), k=20
-    )
+    expected = served.reference(user_id, 20, exclude_seen=False)
     assert_same_ranking(body["items"], expected)
 
 
@@ -126,9 +129,7 @@ def test_events_change_the_next_recommendation(served: Served) -> None:
 
     after = served.recommend(user_id=user_id, k=10)
     history = [*reversed(clicked), *served.history(user_id)]  # newest first
-    expected = brute_force(
-        served.model, user_id=user_id, features=served.features(user_id), history=history, k=10, exclude=history
-    )
+    expected = served.reference(user_id, 10, history=history)
     assert_same_ranking(after["items"], expected)
     assert not set(clicked) & {i["item_id"] for i in after["items"]}
     assert [i["item_id"] for i in after["items"]] != [i["item_id"] for i in before]
@@ -138,15 +139,7 @@ def test_excluded_ids_are_never_returned_and_the_list_is_refilled(served: Served
     user_id = served.users.index[3]
     top = [i["item_id"] for i in served.recommend(user_id=user_id, k=10)["items"]]
     body = served.recommend(user_id=user_id, k=10, exclude=top[:3])
-    history = served.history(user_id)
-    expected = brute_force(
-        served.model,
-        user_id=user_id,
-        features=served.features(user_id),
-        history=history,
-        k=10,
-        exclude={*history, *top[:3]},
-    )
+    expected = served.reference(user_id, 10, exclude=top[:3])
     assert_same_ranking(body["items"], expected)
     assert [i["item_id"] for i in body["items"]][:7] == top[3:]
 
@@ -155,17 +148,8 @@ def test_excluded_ids_are_never_returned_and_the_list_is_refilled(served: Served
 def test_attribute_filter_returns_the_best_matching_items_only(served: Served, genre: str) -> None:
     user_id = served.users.index[4]
     body = served.recommend(user_id=user_id, k=10, filter={"genres": [genre]})
-    history = served.history(user_id)
     allowed = served.with_genre(genre)
-    expected = brute_force(
-        served.model,
-        user_id=user_id,
-        features=served.features(user_id),
-        history=history,
-        k=10,
-        exclude=history,
-        allowed=allowed,
-    )
+    expected = served.reference(user_id, 10, allowed=allowed)
     assert {i["item_id"] for i in body["items"]} <= allowed
     assert_same_ranking(body["items"], expected)
 
@@ -247,9 +231,7 @@ def test_stored_features_the_model_does_not_take_are_ignored(served: Served) -> 
         {"segment": ["s1"], "legacy_score": [0.7], "history": [["i1", "i2"]]},
         index=pd.Index(["user-with-extras"], name="user_id"),
     )
-    asyncio.run(
-        load_users_into_redis(extra, url=served.redis_url, data_dir=served.root, prefix="rec:", max_history=200)
-    )
+    load_users(extra, served.redis_url, "rec:", served.root)
     body = served.recommend(user_id="user-with-extras", k=5)
     assert body["path"] == "known_user"
     expected = brute_force(

@@ -7,34 +7,27 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.store import EmbeddedRedis
-from tests.test_service_support import (
+from service.redis_server import EmbeddedRedis
+from tests.helpers import (
     ADMIN_TOKEN,
     copy_model,
     derived_model,
     load_users,
     make_settings,
     publish_index,
-    redis_server,
     serving_root,
     wait_until,
 )
 from training.artifacts import ArtifactStore, LoadedModel
-
-
-@pytest.fixture(scope="module")
-def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    with redis_server(tmp_path_factory.mktemp("ops-redis")) as server:
-        yield server
+from training.redis_keys import RedisKeys
 
 
 def _publish(url: str, prefix: str, version: str) -> None:
@@ -43,8 +36,9 @@ def _publish(url: str, prefix: str, version: str) -> None:
     async def go() -> None:
         client = aioredis.Redis.from_url(url)
         try:
-            await client.set(f"{prefix}active_index", version)
-            await client.publish(f"{prefix}index_published", version)
+            keys = RedisKeys(prefix)
+            await client.set(keys.active_index, version)
+            await client.publish(keys.index_published, version)
         finally:
             await client.aclose()
 
@@ -61,9 +55,9 @@ def _metric(client: TestClient, name: str, **labels: str) -> float:
 
 
 def test_readiness_is_503_until_an_index_is_published_then_200(
-    trained_model: LoadedModel, tmp_path: Path, shared_redis: EmbeddedRedis
+    trained_model: LoadedModel, tmp_path: Path, redis_url: str
 ) -> None:
-    with TestClient(create_app(make_settings(tmp_path, shared_redis.url, "ready:"))) as client:
+    with TestClient(create_app(make_settings(tmp_path, redis_url, "ready:"))) as client:
         assert client.get("/healthz").status_code == 200
         not_ready = client.get("/readyz")
         assert not_ready.status_code == 503
@@ -82,58 +76,58 @@ def test_readiness_is_503_until_an_index_is_published_then_200(
 
 
 def test_redis_outage_degrades_recommendations_refuses_events_then_recovers(
-    trained_model: LoadedModel, tmp_path: Path
+    trained_model: LoadedModel, tmp_path: Path, start_redis: Callable[..., EmbeddedRedis]
 ) -> None:
     serving_root(trained_model, tmp_path)
     user_id = str(trained_model.users().index[0])
     statuses: list[int] = []
-    with redis_server(tmp_path / "redis") as server:
-        assert server.port is not None
-        load_users(trained_model, server.url, "out:", tmp_path / "data")
-        with TestClient(create_app(make_settings(tmp_path, server.url, "out:", redis_timeout=0.2))) as client:
+    server = start_redis(tmp_path / "redis")
+    assert server.port is not None
+    load_users(trained_model.users(), server.url, "out:", tmp_path / "data")
+    with TestClient(create_app(make_settings(tmp_path, server.url, "out:", redis_timeout=0.2))) as client:
 
-            def post(path: str, body: dict[str, Any]) -> Any:
-                response = client.post(path, json=body)
-                statuses.append(response.status_code)
-                return response
+        def post(path: str, body: dict[str, Any]) -> Any:
+            response = client.post(path, json=body)
+            statuses.append(response.status_code)
+            return response
 
-            assert post("/v1/events", {"user_id": user_id, "item_id": "i1"}).status_code == 200
-            server.stop()  # Redis goes away mid-test
+        assert post("/v1/events", {"user_id": user_id, "item_id": "i1"}).status_code == 200
+        server.stop()  # Redis goes away mid-test
 
-            down = post("/v1/recommendations", {"user_id": user_id, "k": 5})
-            assert down.status_code == 200
-            assert down.json()["degraded"] is True
-            assert len(down.json()["items"]) == 5
-            refused = post("/v1/events", {"user_id": user_id, "item_id": "i2"})
-            assert refused.status_code == 503
-            assert "Redis is unreachable" in refused.json()["detail"]
-            ready = client.get("/readyz")
-            assert ready.status_code == 200
-            assert ready.json()["degraded"] is True
-            assert ready.json()["store"]["status"] == "degraded"
-            assert _metric(client, "twotower_store_up") == 0
-            assert _metric(client, "twotower_store_errors_total", operation="record_events") >= 1
-            assert _metric(client, "twotower_recommendations_total", path="known_user", degraded="true") >= 1
+        down = post("/v1/recommendations", {"user_id": user_id, "k": 5})
+        assert down.status_code == 200
+        assert down.json()["degraded"] is True
+        assert len(down.json()["items"]) == 5
+        refused = post("/v1/events", {"user_id": user_id, "item_id": "i2"})
+        assert refused.status_code == 503
+        assert "Redis is unreachable" in refused.json()["detail"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["degraded"] is True
+        assert ready.json()["store"]["status"] == "degraded"
+        assert _metric(client, "twotower_store_up") == 0
+        assert _metric(client, "twotower_store_errors_total", operation="record_events") >= 1
+        assert _metric(client, "twotower_recommendations_total", path="known_user", degraded="true") >= 1
 
-            server.start()  # same port, same files: the AOF brings the data back
-            wait_until(lambda: client.get("/readyz").json()["store"]["status"] == "ok")
-            back = post("/v1/recommendations", {"user_id": user_id, "k": 5})
-            assert back.json()["degraded"] is False
-            assert back.json()["path"] == "known_user"
-            assert "i1" not in {i["item_id"] for i in back.json()["items"]}  # the event written before the outage
-            assert post("/v1/events", {"user_id": user_id, "item_id": "i2"}).status_code == 200
+        server.start()  # same port, same files: the AOF brings the data back
+        wait_until(lambda: client.get("/readyz").json()["store"]["status"] == "ok")
+        back = post("/v1/recommendations", {"user_id": user_id, "k": 5})
+        assert back.json()["degraded"] is False
+        assert back.json()["path"] == "known_user"
+        assert "i1" not in {i["item_id"] for i in back.json()["items"]}  # the event written before the outage
+        assert post("/v1/events", {"user_id": user_id, "item_id": "i2"}).status_code == 200
     assert 500 not in statuses
 
 
 def test_hot_swap_under_concurrent_requests_loses_none_and_never_mixes_versions(
-    trained_model: LoadedModel, tmp_path: Path, shared_redis: EmbeddedRedis
+    trained_model: LoadedModel, tmp_path: Path, redis_url: str
 ) -> None:
     model_a, index_a = serving_root(trained_model, tmp_path)
     model_b = derived_model(trained_model, tmp_path, seed=2)
     index_b = publish_index(tmp_path, model_b, activate=False)
     prefix = "swap:"
     # Poll slowly: the swap below must come from the Redis notification.
-    settings = make_settings(tmp_path, shared_redis.url, prefix, poll_seconds=30)
+    settings = make_settings(tmp_path, redis_url, prefix, poll_seconds=30)
     results: list[tuple[int, Any]] = []
     stop = threading.Event()
     user_ids = [str(u) for u in trained_model.users().index[:8]]
@@ -160,7 +154,7 @@ def test_hot_swap_under_concurrent_requests_loses_none_and_never_mixes_versions(
         try:
             time.sleep(0.3)
             ArtifactStore(tmp_path).set_active_index(index_b)
-            _publish(shared_redis.url, prefix, index_b)
+            _publish(redis_url, prefix, index_b)
             wait_until(lambda: client.get("/readyz").json()["index_version"] == index_b)
             time.sleep(0.3)
         finally:
@@ -177,11 +171,11 @@ def test_hot_swap_under_concurrent_requests_loses_none_and_never_mixes_versions(
 
 
 def test_corrupted_and_mismatched_indexes_are_refused_while_the_old_pair_keeps_serving(
-    trained_model: LoadedModel, tmp_path: Path, shared_redis: EmbeddedRedis
+    trained_model: LoadedModel, tmp_path: Path, redis_url: str
 ) -> None:
     model_a, index_a = serving_root(trained_model, tmp_path)
     store = ArtifactStore(tmp_path)
-    with TestClient(create_app(make_settings(tmp_path, shared_redis.url, "refuse:"))) as client:
+    with TestClient(create_app(make_settings(tmp_path, redis_url, "refuse:"))) as client:
         corrupted = publish_index(tmp_path, model_a, activate=False)
         (store.index_dir(corrupted) / "item_ids.json").write_text('["i0"]\n')
         store.set_active_index(corrupted)
@@ -207,13 +201,11 @@ def test_corrupted_and_mismatched_indexes_are_refused_while_the_old_pair_keeps_s
         assert client.get("/readyz").json()["last_swap_error"] is None
 
 
-def test_admin_pin_holds_a_version_until_reload(
-    trained_model: LoadedModel, tmp_path: Path, shared_redis: EmbeddedRedis
-) -> None:
+def test_admin_pin_holds_a_version_until_reload(trained_model: LoadedModel, tmp_path: Path, redis_url: str) -> None:
     model_version = copy_model(trained_model, tmp_path)
     first = publish_index(tmp_path, model_version)
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    settings = make_settings(tmp_path, shared_redis.url, "pin:", admin_token=ADMIN_TOKEN)
+    settings = make_settings(tmp_path, redis_url, "pin:", admin_token=ADMIN_TOKEN)
     with TestClient(create_app(settings)) as client:
         second = publish_index(tmp_path, model_version)
         wait_until(lambda: client.get("/readyz").json()["index_version"] == second)
@@ -236,10 +228,10 @@ def test_admin_pin_holds_a_version_until_reload(
 
 
 def test_metrics_expose_latency_paths_versions_and_swaps(
-    trained_model: LoadedModel, tmp_path: Path, shared_redis: EmbeddedRedis
+    trained_model: LoadedModel, tmp_path: Path, redis_url: str
 ) -> None:
     model_version, index_version = serving_root(trained_model, tmp_path)
-    with TestClient(create_app(make_settings(tmp_path, shared_redis.url, "metrics:"))) as client:
+    with TestClient(create_app(make_settings(tmp_path, redis_url, "metrics:"))) as client:
         client.post("/v1/recommendations", json={"k": 3})
         client.post("/v1/recommendations", json={"k": 0})
         client.get("/v1/items/i1/similar")

@@ -1,23 +1,16 @@
-"""The Redis store on real servers: histories, bulk loading, the embedded server's lifecycle and outages."""
+"""The Redis store on real servers: histories, bulk loading, record revisions, the embedded default and outages."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from service.errors import StoreUnavailableError
-from service.store import EmbeddedRedis, FeatureStore, StoredUser, _pid_alive, free_port
-from tests.test_service_support import redis_server
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with redis_server(tmp_path_factory.mktemp("store-redis")) as server:
-        yield server.url
+from service.redis_server import _pid_alive, free_port
+from service.store import FeatureStore, StoredUser
 
 
 def test_histories_are_newest_first_unique_and_capped_while_seen_keeps_everything(
@@ -113,14 +106,20 @@ def test_embedded_redis_is_started_owned_stopped_and_persists(tmp_path: Path) ->
     assert asyncio.run(read()) == ["i2", "i1"]  # persisted under the data dir
 
 
-def test_a_second_embedded_redis_on_the_same_dir_attaches_and_leaves_it_running(tmp_path: Path) -> None:
-    first = EmbeddedRedis(tmp_path)
-    url = first.start()
-    try:
-        second = EmbeddedRedis(tmp_path)
-        assert second.start() == url
-        assert not second.owned
-        second.stop()
-        assert first.pid is not None and _pid_alive(first.pid)
-    finally:
-        first.stop()
+def test_a_records_revision_changes_with_its_content_and_only_then(redis_url: str, tmp_path: Path) -> None:
+    async def go() -> list[str]:
+        store = FeatureStore(redis_url, data_dir=tmp_path, prefix="rev:")
+        await store.start()
+        try:
+            revisions = []
+            await store.record_events([("u1", "a"), ("u1", "b")])
+            revisions.append((await store.get_users(["u1"]))["u1"].revision)
+            revisions.append((await store.get_users(["u1"]))["u1"].revision)  # unchanged: the same revision
+            await store.record_events([("u1", "a")])  # "a" moves to the front: another history
+            revisions.append((await store.get_users(["u1"]))["u1"].revision)
+            return revisions
+        finally:
+            await store.close()
+
+    first, again, moved = asyncio.run(go())
+    assert first == again and moved != first

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from tests.test_service_support import ADMIN_TOKEN, make_settings, redis_server, serving_root
+from tests.helpers import ADMIN_TOKEN, make_settings, serving_root
 from training.artifacts import LoadedModel
 
 LIMITS = {"max_k": 50, "max_history": 20, "max_exclude": 5, "max_batch": 3, "max_events": 5, "max_body_bytes": 4096}
@@ -23,12 +23,6 @@ def root(trained_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("validation")
     serving_root(trained_model, root)
     return root
-
-
-@pytest.fixture(scope="module")
-def redis_url(root: Path) -> Iterator[str]:
-    with redis_server(root / "redis") as server:
-        yield server.url
 
 
 @pytest.fixture(scope="module")

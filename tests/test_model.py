@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.tower import NumpyUserTower
 from training.artifacts import LoadedModel
 from training.features import EncodedUsers, FeatureDef, FeatureSpec, build_vocabularies, encode_users
-from training.model import TowerConfig, TwoTower, embed_users
+from training.model import NumpyUserTower, TowerConfig, TwoTower, embed_users
 
 SPEC = FeatureSpec(
     user_features=(FeatureDef("segment"), FeatureDef("tags", "multi", max_values=3)),

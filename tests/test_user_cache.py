@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
 import redis.asyncio as aioredis
 
+from service.redis_server import EmbeddedRedis
 from service.store import FeatureStore, StoredUser
 from service.user_cache import UserCache
-from tests.test_service_support import redis_server
 
 
 class Clock:
@@ -82,12 +81,6 @@ def test_the_cache_holds_at_most_its_size_dropping_the_oldest_and_can_be_disable
 # --------------------------------------------------------------------------- on a real Redis
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with redis_server(tmp_path_factory.mktemp("cache-redis")) as server:
-        yield server.url
-
-
 async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -133,14 +126,14 @@ def test_a_writer_outside_the_store_is_seen_once_it_publishes_or_the_entry_expir
         store = await started(redis_url, tmp_path, "ext:", cache_seconds=0.5)
         raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
         try:
-            await raw.lpush(store.history_key("u1"), "a")
+            await raw.lpush(store.keys.user_history("u1"), "a")
             assert (await store.get_users(["u1"]))["u1"].history == ["a"]
-            await raw.lpush(store.history_key("u1"), "b")  # no PUBLISH: the cached copy stands until it expires
+            await raw.lpush(store.keys.user_history("u1"), "b")  # no PUBLISH: the cached copy stands until it expires
             assert (await store.get_users(["u1"]))["u1"].history == ["a"]
             assert await eventually(lambda: _history(store, "u1", ["b", "a"]), seconds=3.0)
             await store.get_users(["u1"])
-            await raw.lpush(store.history_key("u1"), "c")
-            await raw.publish(store.users_channel, '["u1"]')  # the documented way for other writers
+            await raw.lpush(store.keys.user_history("u1"), "c")
+            await raw.publish(store.keys.users_changed, '["u1"]')  # the documented way for other writers
             assert await eventually(lambda: _history(store, "u1", ["c", "b", "a"]), seconds=0.4)
         finally:
             await raw.aclose()
@@ -149,23 +142,26 @@ def test_a_writer_outside_the_store_is_seen_once_it_publishes_or_the_entry_expir
     asyncio.run(go())
 
 
-def test_the_cache_is_off_while_redis_is_down_and_back_on_after(tmp_path: Path) -> None:
-    async def go(server_dir: Path) -> None:
-        with redis_server(server_dir) as server:
-            store = await started(server.url, tmp_path, "down:")
-            try:
-                await store.record_events([("u1", "a")])
-                await store.get_users(["u1"])
-                server.stop()
-                assert await eventually(lambda: asyncio.sleep(0, not store.cache.live))
-                assert len(store.cache) == 0  # nothing cached survives an outage: invalidations were missed
-                server.start()
-                assert await eventually(lambda: asyncio.sleep(0, store.cache.live), seconds=10.0)
-                assert (await store.get_users(["u1"]))["u1"].history == ["a"]
-            finally:
-                await store.close()
+def test_the_cache_is_off_while_redis_is_down_and_back_on_after(
+    tmp_path: Path, start_redis: Callable[..., EmbeddedRedis]
+) -> None:
+    server = start_redis()
 
-    asyncio.run(go(tmp_path / "redis"))
+    async def go() -> None:
+        store = await started(server.url, tmp_path, "down:")
+        try:
+            await store.record_events([("u1", "a")])
+            await store.get_users(["u1"])
+            server.stop()
+            assert await eventually(lambda: asyncio.sleep(0, not store.cache.live))
+            assert len(store.cache) == 0  # nothing cached survives an outage: invalidations were missed
+            server.start()
+            assert await eventually(lambda: asyncio.sleep(0, store.cache.live), seconds=10.0)
+            assert (await store.get_users(["u1"]))["u1"].history == ["a"]
+        finally:
+            await store.close()
+
+    asyncio.run(go())
 
 
 async def _history(store: FeatureStore, user: str, expected: list[str]) -> bool:

@@ -1,0 +1,169 @@
+"""`TrainConfig`, the training recipe, and `with_overrides`: the ONE way any of its settings (and the tower's) is
+changed by name, from the command line, a tuner or a benchmark.
+
+Every field of `TrainConfig` and of its `TowerConfig` (`training.model`) has a flat name (`lr`, `history_keep`,
+`dim`, `combine`, ...) and a help text in its metadata. `with_overrides(config, {"lr": "3e-3", "dim": 32})`
+returns a new config; it refuses an unknown name and a value of the wrong type (nanoGPT's configurator does the
+same), and parses text by the field's type, so `--lr 3e-3` on the command line and `{"lr": 0.003}` from a tuner are
+the same change. `twotower train` generates one flag per name from `settable_fields()`, so every setting is on
+the command line and none is copied by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from training.losses import LossName
+from training.model import TowerConfig
+
+
+class ConfigError(ValueError):
+    """An override names no setting, or gives a value its type cannot take; the message names both."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe; defaults are the recipe measured best (docs/loss.md; benchmarks/quality.py)."""
+
+    loss: LossName = field(default="softmax", metadata={"help": "training loss (docs/loss.md)"})
+    epochs: int = field(
+        default=400, metadata={"help": "most epochs; early stopping on validation NDCG@10 usually ends sooner"}
+    )
+    batch_size: int = field(
+        default=1024, metadata={"help": "users per step; each brings all of its held-out positives"}
+    )
+    eval_every: int = field(default=10, metadata={"help": "epochs between validation passes"})
+    lr: float = field(default=1e-2, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "softmax temperature (unnormalised towers learn the scale in their embeddings)"}
+    )
+    margin: float = field(default=1.0, metadata={"help": "triplet: hinge margin"})
+    negatives: Literal["uniform", "popularity"] = field(
+        default="uniform", metadata={"help": "bpr/triplet: how negatives are drawn"}
+    )
+    logq: bool = field(default=True, metadata={"help": "softmax: logQ correction of in-batch negatives"})
+    uniform_negatives: int = field(
+        default=0, metadata={"help": "softmax: extra negative columns drawn uniformly from the catalog"}
+    )
+    history_keep: float = field(
+        default=0.3,
+        metadata={"help": "fraction of a user's items shown as history per step; the rest are that step's positives"},
+    )
+    id_dropout: float = field(
+        default=0.1, metadata={"help": "chance an example's user/item id is replaced by unknown (trains cold start)"}
+    )
+    feature_dropout: float = field(
+        default=0.0, metadata={"help": "chance each of a user's features is replaced by unknown"}
+    )
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "share of the training rows held out for early stopping"}
+    )
+    patience: int = field(default=5, metadata={"help": "validation passes without improvement before stopping"})
+    seed: int = field(default=0, metadata={"help": "split and training seed"})
+    max_seconds: float | None = field(default=None, metadata={"help": "stop training after this many seconds"})
+    refit: bool = field(
+        default=True,
+        metadata={
+            "help": "after early stopping picks the epoch count, retrain from scratch on every training row "
+            "(the validation slice included) for that many epochs"
+        },
+    )
+    tower: TowerConfig = field(default_factory=TowerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tower": self.tower.to_dict()}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One settable name: which config holds it, its type and default, and its help."""
+
+    name: str
+    owner: type  # TrainConfig or TowerConfig
+    hint: Any
+    default: Any
+    help: str
+
+    @property
+    def is_bool(self) -> bool:
+        return self.hint is bool
+
+
+def settable_fields() -> dict[str, Setting]:
+    """Every setting by its flat name: TrainConfig's fields, then TowerConfig's (names never clash)."""
+    out: dict[str, Setting] = {}
+    for owner in (TrainConfig, TowerConfig):
+        hints = typing.get_type_hints(owner)
+        defaults = owner()
+        for f in dataclasses.fields(owner):
+            if f.name == "tower":
+                continue
+            if f.name in out:
+                raise TypeError(f"setting {f.name!r} is defined by both TrainConfig and TowerConfig")
+            help_text = f.metadata.get("help", "")
+            out[f.name] = Setting(f.name, owner, hints[f.name], getattr(defaults, f.name), help_text)
+    return out
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def parse_value(name: str, hint: Any, value: Any) -> Any:
+    """`value` as the type `hint` names: text is parsed, anything else must already be of that type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):  # X | None
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return parse_value(name, inner, value)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"setting {name!r} takes one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:  # tuple[int, ...]
+        parts = [p for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
+        return tuple(parse_value(name, args[0], p) for p in parts)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"setting {name!r} is true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, str):
+            try:
+                return hint(value)
+            except ValueError as e:
+                raise ConfigError(f"setting {name!r} takes {hint.__name__}, got {value!r}") from e
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (hint is int and not float(value).is_integer())
+        ):
+            raise ConfigError(f"setting {name!r} takes {hint.__name__}, got {type(value).__name__} {value!r}")
+        return hint(value)
+    if hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"setting {name!r} takes {hint}, got {type(value).__name__} {value!r}")
+
+
+def with_overrides(config: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
+    """A copy of `config` with `values` (flat setting names, see `settable_fields`) applied; `ConfigError` for an
+    unknown name or a value its type cannot take."""
+    settings = settable_fields()
+    unknown = sorted(set(values) - settings.keys())
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}; the settings are {sorted(settings)}")
+    train: dict[str, Any] = {}
+    tower: dict[str, Any] = {}
+    for name, value in values.items():
+        setting = settings[name]
+        parsed = parse_value(name, setting.hint, value)
+        (tower if setting.owner is TowerConfig else train)[name] = parsed
+    return dataclasses.replace(config, **train, tower=dataclasses.replace(config.tower, **tower))

@@ -1,0 +1,48 @@
+"""The names of every Redis key and channel the project uses, under one prefix: the online-state contract.
+
+Imported by everything that talks to Redis, on both sides: the service's store (reads per request, writes per
+event) and index watcher, `twotower load-features`, and the re-index job's publish notification. Nobody else
+spells a key.
+
+    {prefix}user:{user_id}:features   hash    feature name -> JSON-encoded raw value
+    {prefix}user:{user_id}:history    list    item ids, newest first, each at most once, capped: the tower's input
+    {prefix}user:{user_id}:seen       set     every item id the user had: what exclude_seen leaves out
+    {prefix}active_index              string  the published index version (set by the re-index job, for operators)
+    {prefix}index_published           channel the re-index job PUBLISHes each new index version here
+    {prefix}users_changed             channel every write of user keys PUBLISHes the JSON list of user ids it
+                                              touched, in the same transaction: caches evict those users
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "twotower:"
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Key and channel names under `prefix` (several deployments can share one Redis with distinct prefixes)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def user_features(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}:features"
+
+    def user_history(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}:history"
+
+    def user_seen(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}:seen"
+
+    @property
+    def active_index(self) -> str:
+        return f"{self.prefix}active_index"
+
+    @property
+    def index_published(self) -> str:
+        return f"{self.prefix}index_published"
+
+    @property
+    def users_changed(self) -> str:
+        return f"{self.prefix}users_changed"
