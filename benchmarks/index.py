@@ -112,7 +112,7 @@ def reindex_items(n_items: int, seed: int, prefix: str = "i") -> pd.DataFrame:
 
 def reindex_dataset(seed: int, n_users: int = 4000, n_items: int = 20_000, per_user: int = 20) -> Any:
     """Training data for the re-index benchmark's model: users interact mostly (85%) within their cluster."""
-    from training.dataset import YEAR_BOUNDARIES, Dataset, make_interactions
+    from training.dataset import YEAR_BOUNDARIES, build_dataset, make_interactions
     from training.features import FeatureDef, FeatureSpec
 
     rng = np.random.default_rng(seed + 1)
@@ -141,7 +141,7 @@ def reindex_dataset(seed: int, n_users: int = 4000, n_items: int = 20_000, per_u
         ),
         max_history=50,
     )
-    return Dataset(f"reindex-bench-{n_users}u-{n_items}i", interactions, users, items, spec)
+    return build_dataset(f"reindex-bench-{n_users}u-{n_items}i", interactions, users, items, spec)
 
 
 def reindex_result(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -157,10 +157,9 @@ def reindex_result(args: argparse.Namespace) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory(prefix="reindex-bench-") as tmp:
         root = Path(tmp) / "artifacts"
         print(f"[re-index] training the benchmark's model (dim {args.dim}) ...", file=sys.stderr, flush=True)
-        config = TrainConfig(
-            epochs=args.reindex_epochs, batch_size=1024, seed=args.seed, tower=TowerConfig(dim=args.dim)
-        )
+        config = TrainConfig(epochs=args.reindex_epochs, seed=args.seed, tower=TowerConfig(dim=args.dim))
         model_dir = train_and_save(reindex_dataset(args.seed), ArtifactStore(root), config, 0.0, not args.quiet)
+        assert model_dir is not None  # one process: it wrote the artifact
         print(f"[re-index] writing a catalog of {n_items:,} new items ...", file=sys.stderr, flush=True)
         catalog_path = Path(tmp) / "items.parquet"
         reindex_items(n_items, args.seed + 100, prefix="new").reset_index().to_parquet(catalog_path, index=False)
@@ -278,7 +277,7 @@ def ml100k_vectors(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, st
     from training.config import TrainConfig
     from training.data import load_dataset
     from training.dataset import split_random
-    from training.evaluate import encode_protocol_users
+    from training.evaluate import Protocol
     from training.features import encode_item_frame
     from training.model import embed_items, embed_users
     from training.reindex import user_queries
@@ -298,8 +297,8 @@ def ml100k_vectors(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, st
     train, _ = split_random(dataset.interactions, 0.2, seed=args.seed)
     config = TrainConfig(epochs=args.ml100k_epochs, seed=args.seed)
     model = fit(dataset, train, config, progress=not args.quiet).model
-    users = encode_protocol_users(model.vocabs, dataset, sorted(set(train.user_id)), train)
     items = encode_item_frame(dataset.spec, model.vocabs, dataset.items)
+    users = Protocol(train, train).encode_users(dataset, model.vocabs, items.ids)  # every training user
     return embed_items(model, items), embed_users(model, users), "trained-here"
 
 

@@ -110,7 +110,7 @@ def prepare_artifacts(cache: Path, n_items: int, seed: int, epochs: int) -> Path
     store = ArtifactStore(model_root)
     if not store.models.is_dir() or not store.model_versions():
         log(f"training the benchmark's model ({epochs} epochs on synthetic data) ...")
-        config = TrainConfig(epochs=epochs, batch_size=1024, seed=seed, eval_every=epochs, tower=TowerConfig(dim=64))
+        config = TrainConfig(epochs=epochs, seed=seed, eval_every=epochs, tower=TowerConfig(dim=64))
         train_and_save(reindex_dataset(seed), store, config, 0.0, progress=False)
     root = cache / f"items-{n_items}"
     served = ArtifactStore(root)

@@ -39,7 +39,7 @@ TINY_CONFIG = TrainConfig(
     eval_every=5,
     seed=3,
     temperature=1.0,
-    refit=False,
+    refit="never",
     tower=TowerConfig(dim=16, id_dim=16, hidden=(32,), use_user_id=False, normalize=False),
 )
 

@@ -1,18 +1,45 @@
-"""The quality benchmark's closed-form peer (EASE) on planted data: it must rank like a real recommender, and its
-rank-r approximation must be exact at full rank, or the ceilings it reports beside the two-tower mean nothing."""
+"""The quality benchmark's closed-form peer (EASE) on planted data: both ways of solving it give the dense solution,
+it ranks like a real recommender, and its rank-r approximation is exact at full rank, or the ceilings it reports
+beside the two-tower mean nothing."""
 
 from __future__ import annotations
 
-from benchmarks.quality import ease
-from training.dataset import Dataset, split_random
+import numpy as np
+
+from benchmarks.peers import Ease, ease, matrix
+from training.dataset import Dataset, split_random, synthetic
 from training.evaluate import Protocol
 
 
-def test_ease_beats_popularity_and_its_full_rank_svd_is_exact(tiny_dataset: Dataset) -> None:
-    train, test = split_random(tiny_dataset.interactions, 0.2, seed=0)
-    popularity = Protocol(list(tiny_dataset.items.index), train, test).popularity(train)
+def _dense_ease(x: np.ndarray, lam: float) -> np.ndarray:
+    """The textbook solution: B = I - P diag(1/diag(P)), P = (XᵀX + λI)⁻¹."""
+    p = np.linalg.inv(x.T @ x + lam * np.eye(x.shape[1]))
+    return np.eye(x.shape[1]) - p / np.diag(p)
 
-    full, truncated, lambdas = ease(tiny_dataset, train, test, seed=0, rank=len(tiny_dataset.items))
+
+def test_ease_in_user_space_equals_the_dense_item_space_solution() -> None:
+    wide = synthetic(n_users=60, n_items=200, n_clusters=4, interactions_per_user=8, seed=1).interactions
+    x = matrix(wide)
+    assert x.shape[0] < x.shape[1]  # fewer users than items: the push-through path
+    users = np.arange(x.shape[0])
+    expected = x.toarray() @ _dense_ease(x.toarray(), 30.0)
+    fast = Ease(x, 30.0)
+    assert not fast.item_space
+    np.testing.assert_allclose(fast.scores(users), expected, rtol=1e-6, atol=1e-8)
+    tall = Ease(matrix(synthetic(n_users=200, n_items=60, n_clusters=4, seed=1).interactions), 30.0)
+    assert tall.item_space
+    m = np.random.default_rng(0).standard_normal((200, 5))
+    b = _dense_ease(x.toarray(), 30.0)
+    np.testing.assert_allclose(fast.b_times(m), b @ m, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(fast.bt_times(m), b.T @ m, rtol=1e-6, atol=1e-8)
+
+
+def test_ease_beats_popularity_and_its_full_rank_truncation_is_exact(tiny_dataset: Dataset) -> None:
+    train, test = split_random(tiny_dataset.interactions, 0.2, seed=0)
+    protocol = Protocol(train, test)
+    popularity = protocol.popularity(train)
+
+    full, truncated, lambdas = ease(train, test, seed=0, rank=len(tiny_dataset.items), protocol=protocol)
 
     assert full.ndcg > 1.5 * popularity.ndcg
     assert lambdas["lambda"] == lambdas["lambda_rank"]  # the same scores on validation at full rank
@@ -22,8 +49,9 @@ def test_ease_beats_popularity_and_its_full_rank_svd_is_exact(tiny_dataset: Data
 
 def test_ease_truncation_keeps_the_planted_clusters_only_with_enough_rank(tiny_dataset: Dataset) -> None:
     train, test = split_random(tiny_dataset.interactions, 0.2, seed=0)
-    full, rank_16, _ = ease(tiny_dataset, train, test, seed=0, rank=16)
-    _, rank_2, _ = ease(tiny_dataset, train, test, seed=0, rank=2)
+    protocol = Protocol(train, test)
+    full, rank_16, _ = ease(train, test, seed=0, rank=16, protocol=protocol)
+    _, rank_2, _ = ease(train, test, seed=0, rank=2, protocol=protocol)
 
     assert rank_16.ndcg > 0.9 * full.ndcg  # 6 planted clusters fit in 16 dimensions
     assert rank_2.ndcg < 0.75 * full.ndcg  # but not in 2

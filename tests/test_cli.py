@@ -65,7 +65,7 @@ def test_train_flags_reach_the_artifact_and_evaluate_scores_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = ["--synthetic-users", "120", "--synthetic-items", "80", "--artifacts", str(tmp_path)]
-    argv = ["train", *data, "-q", "--epochs", "2", "--eval-every", "1", "--no-refit", "--history-keep", "0.5"]
+    argv = ["train", *data, "-q", "--epochs", "2", "--eval-every", "1", "--refit", "never", "--history-keep", "0.5"]
     argv += ["--dim", "8", "--combine", "mlp", "--hidden", "16,8", "--no-use-user-features", "--loss", "bpr"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -73,7 +73,12 @@ def test_train_flags_reach_the_artifact_and_evaluate_scores_it(
     assert f"model {version} written" in out and json.loads(out[out.index("{") :])["best_epoch"] >= 1
     manifest = load_model(ArtifactStore(tmp_path).model_dir(version)).manifest
     training, tower = manifest["training"], manifest["tower_config"]
-    assert (training["epochs"], training["refit"], training["history_keep"], training["loss"]) == (2, False, 0.5, "bpr")
+    assert (training["epochs"], training["refit"], training["history_keep"], training["loss"]) == (
+        2,
+        "never",
+        0.5,
+        "bpr",
+    )
     assert (tower["dim"], tower["combine"], tower["hidden"], tower["use_user_features"]) == (8, "mlp", [16, 8], False)
 
     assert main(["evaluate", *data]) == 0

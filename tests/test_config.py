@@ -22,13 +22,14 @@ def test_overrides_parse_text_by_type_and_leave_the_rest_alone() -> None:
     base = TrainConfig()
     config = with_overrides(
         base,
-        {"lr": "3e-3", "epochs": "7", "refit": "false", "max_seconds": "none", "dim": 32, "hidden": "128,64"},
+        {"lr": "3e-3", "epochs": "7", "logq": "false", "max_seconds": "none", "dim": 32, "hidden": "128,64"},
     )
-    assert (config.lr, config.epochs, config.refit, config.max_seconds) == (3e-3, 7, False, None)
+    assert (config.lr, config.epochs, config.logq, config.max_seconds) == (3e-3, 7, False, None)
     assert (config.tower.dim, config.tower.hidden) == (32, (128, 64))
-    assert dataclasses.replace(config, lr=base.lr, epochs=base.epochs, refit=base.refit) == dataclasses.replace(
-        base, tower=config.tower
+    unchanged = dataclasses.replace(
+        config, lr=base.lr, epochs=base.epochs, logq=base.logq, max_seconds=base.max_seconds
     )
+    assert unchanged == dataclasses.replace(base, tower=config.tower)
     assert with_overrides(base, {"epochs": 5.0, "history_keep": 1}).epochs == 5  # whole numbers from a tuner
 
 
@@ -40,7 +41,8 @@ def test_overrides_parse_text_by_type_and_leave_the_rest_alone() -> None:
         ({"lr": "fast"}, "setting 'lr' takes float"),
         ({"epochs": 2.5}, "setting 'epochs' takes int"),
         ({"epochs": True}, "setting 'epochs' takes int"),
-        ({"refit": "maybe"}, "setting 'refit' is true or false"),
+        ({"logq": "maybe"}, "setting 'logq' is true or false"),
+        ({"refit": "yes"}, "setting 'refit' takes one of"),
         ({"loss": "hinge"}, "setting 'loss' takes one of"),
         ({"hidden": "64,x"}, "setting 'hidden' takes int"),
     ],

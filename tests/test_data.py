@@ -49,7 +49,7 @@ def test_a_file_given_directly_selects_its_format_or_is_read_as_an_interactions_
     write(tmp_path / "events" / "clicks.csv", "user,item\na,x\nb,y\n")
     dataset = load_dataset(tmp_path / "events" / "clicks.csv")
     assert "a .csv table given directly" in logs.text
-    assert sorted(dataset.interactions.user_id) == ["a", "b"]
+    assert sorted(dataset.interactions.frame().user_id) == ["a", "b"]
 
 
 def test_unknown_folder_is_refused_with_the_expected_file_sets(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ ML100K = Path(__file__).parents[2] / "shared/data/ml-100k"
 def test_movielens_1m_parses_ids_user_features_genres_and_years(tmp_path: Path) -> None:
     dataset = load_dataset(write_ml1m(tmp_path))
     assert dataset.spec == MOVIELENS_SPEC
-    inter = dataset.interactions
+    inter = dataset.interactions.frame()
     assert list(zip(inter.user_id, inter.item_id, strict=True)) == [("1", "10"), ("2", "10"), ("1", "20")]
     assert inter.weight.tolist() == [5.0, 4.0, 3.0]
     assert inter.timestamp.dtype == np.int64
@@ -54,7 +54,7 @@ def test_movielens_10m_without_users_dat_has_no_user_features(tmp_path: Path) ->
     dataset = load_dataset(write_ml1m(tmp_path, ratings="1::10::4.5::1\n", users=None))
     assert dataset.spec == MOVIELENS_LATEST_SPEC
     assert dataset.users.columns.empty and list(dataset.users.index) == ["1"]
-    assert dataset.interactions.weight.tolist() == [4.5]
+    assert dataset.interactions.frame().weight.tolist() == [4.5]
 
 
 @pytest.mark.parametrize(
@@ -77,7 +77,7 @@ def test_movielens_1m_line_reader_takes_over_when_the_fast_parser_is_stricter(tm
     # The fast parser reads "::" as ":" plus checked empty fields; an id containing one ":" fails that
     # check but is a valid line, so the line-by-line reader returns it instead of an error.
     dataset = load_dataset(write_ml1m(tmp_path, ratings="1::10::5::100\nweb:7::20::3::200\n"))
-    assert dataset.interactions.user_id.tolist() == ["1", "web:7"]
+    assert dataset.interactions.frame().user_id.tolist() == ["1", "web:7"]
     assert dataset.interactions.weight.dtype == np.float32
 
 
@@ -98,7 +98,7 @@ def test_movielens_1m_counts_duplicates_blank_lines_and_undescribed_items(
     assert "ratings.dat: skipped 1 blank lines" in logs.text
     assert "movies.dat: dropped 1 rows whose item_id repeats" in logs.text
     assert "movies.dat: 1 item_ids appear in the interactions but not in this table" in logs.text
-    inter = dataset.interactions.set_index("item_id")
+    inter = dataset.interactions.frame().set_index("item_id")
     assert inter.loc["10", "weight"] == 2.0  # the latest event of the duplicate pair is kept
     assert dataset.items.loc["10", "title"] == "Café Society (1995)"  # the first row of a repeated id is kept
     assert dataset.items.loc["99", "genres"] == []  # rated but undescribed: in the catalog, features missing
@@ -109,7 +109,7 @@ def test_movielens_latest_parses_quoted_titles_genres_and_years(tmp_path: Path) 
     dataset = load_dataset(write_latest(tmp_path))
     assert dataset.spec == MOVIELENS_LATEST_SPEC and dataset.spec.user_features == ()
     assert sorted(dataset.users.index) == ["1", "2"] and dataset.users.columns.empty
-    assert dataset.interactions.weight.tolist() == [4.0, 5.0, 3.5]  # ordered by timestamp
+    assert dataset.interactions.frame().weight.tolist() == [4.0, 5.0, 3.5]  # ordered by timestamp
     items = dataset.items
     assert list(items.index) == ["10", "20", "30"]
     assert items.loc["10", "title"] == "American President, The (1995)"
@@ -151,8 +151,8 @@ def test_movielens_latest_header_and_movies_errors_name_file_line_and_column(tmp
 def test_real_movielens_100k_has_the_published_counts() -> None:
     dataset = load_dataset(ML100K)
     assert len(dataset.interactions) == 100_000
-    assert dataset.interactions.user_id.nunique() == 943 and len(dataset.users) == 943
+    assert dataset.interactions.frame().user_id.nunique() == 943 and len(dataset.users) == 943
     assert len(dataset.items) == 1_682
     assert len(ML100K_GENRES) == 19
     assert {g for genres in dataset.items.genres for g in genres} == set(ML100K_GENRES)
-    assert isinstance(dataset.interactions.user_id.iloc[0], str)
+    assert isinstance(dataset.interactions.frame().user_id.iloc[0], str)

@@ -27,7 +27,7 @@ def test_generic_tables_give_str_ids_inferred_features_and_a_full_catalog(
         "item_id,genres,year,brand\ni1,rock|pop,1994,acme\ni2,jazz,2003,\ni5,,2011,zeta\n",
     )
     dataset = load_dataset(tmp_path)
-    inter = dataset.interactions
+    inter = dataset.interactions.frame()
     assert inter.user_id.tolist() == ["7", "u2", "u2"] and inter.weight.tolist() == [1.0, 2.5, 1.0]
     assert "ignored columns ['session']" in logs.text
     spec = dataset.spec
@@ -58,7 +58,7 @@ def test_generic_parquet_reads_int_ids_list_columns_and_datetimes(tmp_path: Path
     ).to_parquet(tmp_path / "interactions.parquet")
     pd.DataFrame({"item_id": [10, 20], "tags": [["a", "b"], ["c"]]}).to_parquet(tmp_path / "items.parquet")
     dataset = load_dataset(tmp_path)
-    inter = dataset.interactions
+    inter = dataset.interactions.frame()
     assert inter.user_id.tolist() == ["2", "1", "1"] and inter.item_id.tolist() == ["10", "10", "20"]
     assert inter.timestamp.tolist() == [1704067200, 1704067210, 1704067220]
     assert dataset.items.loc["10", "tags"] == ["a", "b"]
@@ -69,8 +69,8 @@ def test_generic_without_timestamps_orders_events_by_row_and_counts_duplicates(
     tmp_path: Path, logs: pytest.LogCaptureFixture
 ) -> None:
     dataset = load_dataset(write_generic(tmp_path, "user,item,weight\na,x,1\nb,y,1\na,x,3\n"))
-    assert dataset.interactions.timestamp.tolist() == [1, 2]
-    assert dataset.interactions.set_index("user_id").loc["a", "weight"] == 3.0  # the later row wins
+    assert dataset.interactions.frame().timestamp.tolist() == [1, 2]
+    assert dataset.interactions.frame().set_index("user_id").loc["a", "weight"] == 3.0  # the later row wins
     assert "dropped 1 duplicate (user, item) interactions" in logs.text
     assert "no timestamp column; events are ordered by row" in logs.text
 

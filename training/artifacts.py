@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from safetensors.torch import load_file, save_file
 
 from training.features import FeatureSpec, Vocabularies
@@ -245,7 +247,7 @@ def save_model(
     model: TwoTower,
     *,
     catalog: pd.DataFrame,
-    users: pd.DataFrame,
+    users: pd.DataFrame | pa.Table,
     item_embeddings: np.ndarray,
     training: dict[str, Any],
     metrics: dict[str, Any],
@@ -254,8 +256,9 @@ def save_model(
 ) -> Path:
     """Write `models/<version>/` atomically and return its path.
 
-    `catalog` (item_id index) and `users` (user_id index, with a `history` column) are the raw tables the model
-    was trained with, kept so the re-index job and the feature loader work from the artifact alone.
+    `catalog` (item_id index) and `users` (user_id index, or a user_id column in an Arrow table; with a `history`
+    column) are the raw tables the model was trained with, kept so the re-index job and the feature loader work
+    from the artifact alone.
     `extra_files` maps a file name to a writer (e.g. the curves plot)."""
     version = version or new_version()
     if len(catalog) != len(item_embeddings):
@@ -267,7 +270,10 @@ def save_model(
         write_json(tmp / ITEM_IDS, [str(i) for i in catalog.index])
         np.save(tmp / ITEM_EMBEDDINGS, np.ascontiguousarray(item_embeddings, dtype=np.float32))
         catalog.rename_axis("item_id").reset_index().to_parquet(tmp / CATALOG, index=False)
-        users.rename_axis("user_id").reset_index().to_parquet(tmp / USERS, index=False)
+        if isinstance(users, pa.Table):
+            pq.write_table(users, tmp / USERS)
+        else:
+            users.rename_axis("user_id").reset_index().to_parquet(tmp / USERS, index=False)
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
         write_manifest(

@@ -46,9 +46,11 @@ def _artifacts(args: argparse.Namespace) -> Path:
 def _dataset(args: argparse.Namespace, seed: int) -> Dataset:
     from training.data import load_dataset
     from training.dataset import synthetic
+    from training.dataset_cache import default_cache_dir
 
     if args.data:
-        return load_dataset(args.data)
+        cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
+        return load_dataset(args.data, cache_dir=cache)
     dataset = synthetic(n_users=args.synthetic_users, n_items=args.synthetic_items, seed=seed)
     log.info("no --data given: using the built-in %s", dataset.describe())
     return dataset
@@ -58,6 +60,14 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dataset folder or file (format detected); default: built-in synthetic data")
     parser.add_argument("--synthetic-users", type=int, default=2000, help="synthetic data: number of users")
     parser.add_argument("--synthetic-items", type=int, default=1000, help="synthetic data: number of items")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where encoded datasets are kept, by the hash of their input (default: $TWOTOWER_CACHE_DIR or "
+        "~/.cache/twotower/datasets)",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="read and encode the data again, keep nothing")
 
 
 # --------------------------------------------------------------------------- train
@@ -93,17 +103,45 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from training import distributed
     from training.artifacts import ArtifactStore, load_model
     from training.config import TrainConfig, with_overrides
-    from training.train import train_and_save
+    from training.train import choose_device, train_and_save
 
     config = with_overrides(TrainConfig(), _config_overrides(args))
-    dataset = _dataset(args, config.seed)
-    model_dir = train_and_save(
-        dataset, ArtifactStore(_artifacts(args)), config, holdout=args.holdout, progress=not args.quiet
-    )
-    print(f"model {model_dir.name} written to {model_dir}")
-    print(json.dumps(load_model(model_dir).manifest["metrics"], indent=2))
+    if args.nproc > 1 and not distributed.launched():
+        _launch(args.nproc)
+        return
+    distributed.start(choose_device(config.device))
+    main = distributed.is_main()
+    try:
+        # Rank 0 reads (and caches) the data first; the other ranks then read the cached arrays.
+        dataset = _dataset(args, config.seed) if main else None
+        distributed.barrier()
+        dataset = dataset if dataset is not None else _dataset(args, config.seed)
+        store = ArtifactStore(_artifacts(args))
+        model_dir = train_and_save(dataset, store, config, holdout=args.holdout, progress=not args.quiet)
+    finally:
+        distributed.stop()
+    if model_dir is not None:
+        print(f"model {model_dir.name} written to {model_dir}")
+        print(json.dumps(load_model(model_dir).manifest["metrics"], indent=2))
+
+
+def _launch(nproc: int) -> None:
+    """Run this same `twotower train` command as `nproc` processes under PyTorch's elastic launcher (torchrun),
+    on this machine; `--nproc` itself is dropped from what each process is given."""
+    from torch.distributed.run import main as torchrun
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "training", *argv])
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -129,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         "model": loaded.version,
         "split_seed": seed,
         "two_tower": evaluate(loaded.model, dataset, train, test).as_dict(),
-        "popularity": Protocol(list(dataset.items.index), train, test).popularity(train).as_dict(),
+        "popularity": Protocol(train, test).popularity(train).as_dict(),
     }
     print(json.dumps(result, indent=2))
 
@@ -138,6 +176,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_reindex(args: argparse.Namespace) -> None:
+    import torch
+
+    from training import distributed
     from training.artifacts import ArtifactError, ArtifactStore
     from training.catalog import CatalogError
     from training.index_build import RecallTargetError
@@ -146,6 +187,8 @@ def cmd_reindex(args: argparse.Namespace) -> None:
 
     store = ArtifactStore(_artifacts(args))
     before = store.active_index()
+    distributed.start(torch.device("cpu"))  # under torchrun the ranks share the catalog's embedding
+    main = distributed.is_main()
     try:
         version = reindex(
             store,
@@ -160,6 +203,10 @@ def cmd_reindex(args: argparse.Namespace) -> None:
     except (RecallTargetError, CatalogError, ArtifactError, ValueError) as e:
         code = 1 if isinstance(e, RecallTargetError) else 2
         raise CommandError(f"not published (active index unchanged: {before}): {e}", code) from e
+    finally:
+        distributed.stop()
+    if not main:
+        return
     manifest = store.index_manifest(version)
     k = manifest["recall_k"]
     if version == before:
@@ -197,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--artifacts", type=Path, default=None, help=ARTIFACTS_HELP)
     train.add_argument("--holdout", type=float, default=0.2, help="test fraction (0: train on everything)")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train with this many processes on this machine (torchrun --standalone --nproc_per_node=N); for "
+        "several machines run torchrun yourself (README)",
+    )
     _add_config_flags(train)
     train.set_defaults(func=cmd_train)
 

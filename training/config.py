@@ -32,14 +32,32 @@ class TrainConfig:
 
     loss: LossName = field(default="softmax", metadata={"help": "training loss (docs/loss.md)"})
     epochs: int = field(
-        default=400, metadata={"help": "most epochs; early stopping on validation NDCG@10 usually ends sooner"}
+        default=400, metadata={"help": "most epochs; early stopping and max_seconds usually end training sooner"}
     )
     batch_size: int = field(
-        default=1024, metadata={"help": "users per step; each brings all of its held-out positives"}
+        default=8192,
+        metadata={
+            "help": "examples (a user's items drawn into a step, history and positives) per step and process; "
+            "a step takes whole users until it holds this many"
+        },
     )
-    eval_every: int = field(default=10, metadata={"help": "epochs between validation passes"})
+    max_user_items: int = field(
+        default=1024,
+        metadata={"help": "items of one user drawn into a step at most (a random subset of a heavier user's)"},
+    )
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "epochs between validation passes; 0: about every 500,000 examples, at least every epoch"},
+    )
     lr: float = field(default=1e-2, metadata={"help": "Adam learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (dense parameters)"})
+    optimizer: Literal["sparse", "dense"] = field(
+        default="sparse",
+        metadata={
+            "help": "sparse: id and history embedding tables get sparse gradients and SparseAdam (state only for "
+            "the rows a step touches), the rest Adam; dense: Adam on everything"
+        },
+    )
     temperature: float = field(
         default=1.0, metadata={"help": "softmax temperature (unnormalised towers learn the scale in their embeddings)"}
     )
@@ -64,15 +82,27 @@ class TrainConfig:
     val_fraction: float = field(
         default=0.1, metadata={"help": "share of the training rows held out for early stopping"}
     )
+    val_users: int = field(
+        default=10_000, metadata={"help": "validation users at most (a seeded sample on larger data)"}
+    )
     patience: int = field(default=5, metadata={"help": "validation passes without improvement before stopping"})
+    min_improvement: float = field(
+        default=0.001,
+        metadata={"help": "relative gain in validation NDCG@10 below which a pass counts as no improvement"},
+    )
     seed: int = field(default=0, metadata={"help": "split and training seed"})
-    max_seconds: float | None = field(default=None, metadata={"help": "stop training after this many seconds"})
-    refit: bool = field(
-        default=True,
+    max_seconds: float | None = field(default=3600.0, metadata={"help": "time budget of the fit, in seconds"})
+    refit: Literal["auto", "always", "never"] = field(
+        default="auto",
         metadata={
-            "help": "after early stopping picks the epoch count, retrain from scratch on every training row "
-            "(the validation slice included) for that many epochs"
+            "help": "after early stopping picks the epoch count, retrain from scratch on every training row (the "
+            "validation slice included) for that many epochs; auto: only on data small enough for it to pay "
+            "(training.train.REFIT_MAX_ROWS)"
         },
+    )
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda or cuda:N"})
+    checkpoint_seconds: float = field(
+        default=300.0, metadata={"help": "seconds between checkpoints within an epoch (a killed run resumes)"}
     )
     tower: TowerConfig = field(default_factory=TowerConfig)
 

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from training import dataset_cache
 from training.dataset import Dataset
 from training.movielens import load_movielens_1m, load_movielens_100k, load_movielens_latest
 from training.tables import TABLE_SUFFIXES, DataFormatError, load_interactions
@@ -30,11 +31,26 @@ LOADERS: list[tuple[str, tuple[str, ...], Callable[[Path], Dataset]]] = [
 ]
 
 
-def load_dataset(path: str | Path) -> Dataset:
-    """Load a dataset folder (or file), detecting its format from the files present; logs the choice."""
+def load_dataset(path: str | Path, cache_dir: Path | None = None) -> Dataset:
+    """Load a dataset folder (or file), detecting its format from the files present; logs the choice. With
+    `cache_dir`, the encoded dataset is kept there under the hash of its input and read back from it next time
+    (`training.dataset_cache`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no dataset at {path}")
+    if cache_dir is None:
+        return _read(path)
+    entry = Path(cache_dir) / dataset_cache.input_key(path)
+    cached = dataset_cache.load(entry) if entry.is_dir() else None
+    if cached is not None:
+        log.info("%s: read from the dataset cache %s: %s", path, entry, cached.describe())
+        return cached
+    dataset = _read(path)
+    dataset_cache.save(entry, dataset)
+    return dataset
+
+
+def _read(path: Path) -> Dataset:
     folder = path if path.is_dir() else path.parent
     for name, files, loader in LOADERS:
         if path.is_file() and path.name not in files:

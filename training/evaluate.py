@@ -9,13 +9,13 @@ same exact index, exclusion and metric code scores them all, and what is scored 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from training.dataset import Dataset, histories
+from training.dataset import Dataset, Interactions, UserItems
 from training.features import EncodedUsers, Vocabularies, encode_item_frame, encode_user_frame
 from training.index import ItemIndex, exact_index
 from training.model import TwoTower, embed_items, embed_users
@@ -90,45 +90,94 @@ def rank_top_k(index: ItemIndex, user_vectors: np.ndarray, seen: Sequence[np.nda
     return top
 
 
-class Protocol:
-    """The split's users and items as positions: who is evaluated, what each has seen, what each should find."""
+def rank_dense(scores: np.ndarray, seen: Sequence[np.ndarray], k: int = 10) -> np.ndarray:
+    """(U, k) positions of the highest of dense (U, I) scores, best first, each row's `seen` positions excluded
+    (-1 where fewer than k are left). `scores` is overwritten."""
+    scores = np.asarray(scores, dtype=np.float64)
+    rows = np.repeat(np.arange(len(seen)), [len(s) for s in seen])
+    if len(rows):
+        scores[rows, np.concatenate(seen)] = -np.inf
+    kk = min(k, scores.shape[1])
+    part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    top = np.take_along_axis(part, order, axis=1)
+    top = np.where(np.isneginf(np.take_along_axis(scores, top, axis=1)), -1, top)
+    return np.pad(top, ((0, 0), (0, k - kk)), constant_values=-1)
 
-    def __init__(self, item_ids: Sequence[str], train: pd.DataFrame, test: pd.DataFrame) -> None:
-        self.item_ids = list(item_ids)
-        position = {item: i for i, item in enumerate(self.item_ids)}
-        missing = set(test.item_id) - position.keys()
-        if missing:
-            raise ValueError(f"{len(missing)} test items are not in the catalog, e.g. {sorted(missing)[:3]}")
-        self.users: list[str] = sorted(set(test.user_id))
-        seen = train.groupby("user_id").item_id.agg(list)
-        wanted = test.groupby("user_id").item_id.agg(list)
+
+class Protocol:
+    """The split's users and items as positions: who is evaluated, what each has seen, what each should find.
+
+    Users are those with held-out rows, all of them or, with `max_users`, a seeded sample of them (large data: the
+    metrics are then an estimate over that many users, and say how many). Item positions are catalog codes."""
+
+    def __init__(self, train: Interactions, test: Interactions, max_users: int | None = None, seed: int = 0) -> None:
+        self.item_ids, self.user_ids = train.item_ids, train.user_ids
+        wanted = test.by_user()
+        rows = np.arange(len(wanted))
+        if max_users is not None and len(rows) > max_users:
+            rows = np.sort(np.random.default_rng(seed).choice(len(rows), size=max_users, replace=False))
+        self.users = wanted.users[rows]  # (U,) user codes, ascending
+        self.history = train.by_user()  # the users' training items, newest first: their history and what is seen
+        self.history_rows = self.history.rows_of(self.users)  # (U,) row in `history`, -1 for none
         self.seen = [
-            np.array([position[i] for i in seen.get(u, []) if i in position], dtype=np.int64) for u in self.users
+            self.history.of(r).astype(np.int64) if r >= 0 else np.zeros(0, np.int64) for r in self.history_rows
         ]
-        self.relevant = [{position[i] for i in wanted[u]} for u in self.users]
+        self.relevant = [set(wanted.of(r).tolist()) for r in rows]
 
     def score(self, user_vectors: np.ndarray, item_vectors: np.ndarray, k: int = 10) -> RankingMetrics:
         """Rank all catalog items for every test user through an exact inner-product index."""
-        index = exact_index(item_vectors, self.item_ids, model_version="evaluation")
+        index = exact_index(item_vectors, list(self.item_ids), model_version="evaluation")
         return ranking_metrics(rank_top_k(index, user_vectors, self.seen, k), self.relevant, k)
 
-    def popularity(self, train: pd.DataFrame, k: int = 10) -> RankingMetrics:
+    def score_dense(
+        self, scores_of: Callable[[np.ndarray], np.ndarray], k: int = 10, chunk: int = 1024
+    ) -> RankingMetrics:
+        """Metrics of a model that scores every item directly rather than by a low-dimensional inner product (EASE):
+        `scores_of(rows)` gives the (len(rows), I) scores of the protocol's users at those positions; ranked
+        `chunk` users at a time, each user's seen items excluded."""
+        tops = []
+        for start in range(0, len(self.users), chunk):
+            rows = np.arange(start, min(start + chunk, len(self.users)))
+            tops.append(rank_dense(scores_of(rows), [self.seen[r] for r in rows], k))
+        top = np.concatenate(tops) if tops else np.zeros((0, k), dtype=np.int64)
+        return ranking_metrics(top, self.relevant, k)
+
+    def popularity(self, train: Interactions, k: int = 10) -> RankingMetrics:
         """The popularity baseline: score(u, i) = training count of i, as a 1-d inner product."""
-        counts = train.item_id.value_counts().reindex(self.item_ids, fill_value=0).to_numpy(np.float32)
+        counts = train.item_counts().astype(np.float32)
         return self.score(np.ones((len(self.users), 1), np.float32), counts[:, None], k)
 
+    def encode_users(self, dataset: Dataset, vocabs: Vocabularies, catalog_vocab_ids: np.ndarray) -> EncodedUsers:
+        """The protocol's users for the user tower: features from the dataset, history their training items
+        (newest first, as many as the spec keeps). `catalog_vocab_ids[p]` is catalog item p's vocabulary index
+        (`encode_item_frame(...).ids`), so histories are encoded from codes by the same vocabulary."""
+        spec = dataset.spec
+        frame = dataset.users.reindex(pd.Index(self.user_ids[self.users], dtype=object))
+        encoded = encode_user_frame(spec, vocabs, frame, [[] for _ in range(len(self.users))])
+        encoded.history[:] = history_array(self.history, self.history_rows, catalog_vocab_ids, spec.max_history)
+        return encoded
 
-def encode_protocol_users(
-    vocabs: Vocabularies, dataset: Dataset, users: Sequence[str], history_rows: pd.DataFrame
-) -> EncodedUsers:
-    """`users` with their features from the dataset and, as history, their items in `history_rows` (newest first)."""
-    hist = histories(history_rows)
-    return encode_user_frame(dataset.spec, vocabs, dataset.users.reindex(list(users)), [hist.get(u, []) for u in users])
+
+def history_array(grouped: UserItems, rows: np.ndarray, lookup: np.ndarray, width: int) -> np.ndarray:
+    """(len(rows), width) int64: row i holds lookup[items] of `grouped` row rows[i], its first `width` items (newest
+    first), zero-padded; rows of -1 are all padding."""
+    rows = np.asarray(rows, dtype=np.int64)
+    valid = rows >= 0
+    starts = np.where(valid, grouped.indptr[np.maximum(rows, 0)], 0)
+    lengths = np.where(valid, np.minimum(grouped.indptr[np.maximum(rows, 0) + 1] - starts, width), 0)
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    row_of = np.repeat(np.arange(len(rows)), lengths)
+    offset = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[row_of, offset] = lookup[grouped.items[np.repeat(starts, lengths) + offset]]
+    return out
 
 
-def evaluate(model: TwoTower, dataset: Dataset, train: pd.DataFrame, test: pd.DataFrame) -> RankingMetrics:
+def evaluate(
+    model: TwoTower, dataset: Dataset, train: Interactions, test: Interactions, max_users: int | None = None
+) -> RankingMetrics:
     """Test metrics (DESIGN §4): users' histories are their training items; those items are excluded."""
-    protocol = Protocol(list(dataset.items.index), train, test)
-    users = encode_protocol_users(model.vocabs, dataset, protocol.users, train)
+    protocol = Protocol(train, test, max_users)
     items = encode_item_frame(dataset.spec, model.vocabs, dataset.items)
+    users = protocol.encode_users(dataset, model.vocabs, items.ids)
     return protocol.score(embed_users(model, users), embed_items(model, items))

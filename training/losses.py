@@ -42,8 +42,10 @@ def softmax_loss(
     owner: torch.Tensor,
     log_q: torch.Tensor | None,
     temperature: float,
-    accidental: torch.Tensor | None = None,
+    hits: tuple[torch.Tensor, torch.Tensor] | None = None,
     column: torch.Tensor | None = None,
+    dead: torch.Tensor | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> torch.Tensor:
     """Sampled softmax over the batch's item columns: positive t is the pair (row owner[t], column column[t]);
     for every other row that column is a sampled negative.
@@ -51,41 +53,45 @@ def softmax_loss(
     logits[u, c] = dot(u, v_c) / temperature - log q(item_c)   (logQ correction, Yi et al. 2019: an item is among
     the columns in proportion to its popularity, so without it popular items would be over-penalised as
     negatives); each positive is a softmax of its logit against its row's negatives, where a row's negatives are
-    the columns that are neither the row's own positives nor marked in `accidental` (an accidental hit: the
-    column's item is one of the row's items too, e.g. the same item as another row's positive).
+    the columns that are neither the row's own positives, nor an accidental hit (`hits`: (row, column) pairs whose
+    column item is one of the row's items too), nor `dead` (columns no row may use, e.g. a second copy of an item
+    gathered from another process).
     users: (U, D); items: (C, D); owner: (T,) row index; column: (T,) column index, default arange(T) (column t
-    is positive t, C == T); log_q: (C,) or None; accidental: (U, C) bool or None.
+    is positive t, C == T); log_q: (C,) or None; hits: two (H,) index tensors; dead: (C,) bool.
     With U == T, owner = arange(T) this is the classic one-positive-per-row in-batch softmax."""
     logits = users @ items.T / temperature  # (U, C)
     if log_q is not None:
         logits = logits - log_q.unsqueeze(0)
     if column is None:
         column = torch.arange(len(owner), device=logits.device)
-    not_negative = torch.zeros_like(logits, dtype=torch.bool)
-    not_negative[owner, column] = True  # a row's own positives
-    if accidental is not None:
-        not_negative = not_negative | accidental
-    negatives = torch.logsumexp(logits.masked_fill(not_negative, float("-inf")), dim=1)  # (U,)
     positive = logits[owner, column]  # (T,)
+    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    masked = logits.index_put((owner, column), minus_inf)  # a row's own positives
+    if hits is not None:
+        masked = masked.index_put(hits, minus_inf)
+    if dead is not None:
+        masked = masked.masked_fill(dead.unsqueeze(0), float("-inf"))
+    negatives = torch.logsumexp(masked, dim=1)  # (U,)
     # -log softmax of the positive against {positive} ∪ negatives of its row
-    return (torch.logaddexp(positive, negatives[owner]) - positive).mean()
+    losses = torch.logaddexp(positive, negatives[owner]) - positive
+    return losses.sum() if reduction == "sum" else losses.mean()
 
 
 class NegativeSampler:
-    """Draws negatives among the items seen in training: uniformly, or in proportion to popularity**alpha."""
+    """Draws negatives among the items seen in training: uniformly, or in proportion to popularity**alpha. The
+    random generator is the caller's, so a batch's draws are a function of the batch's own seed."""
 
-    def __init__(
-        self, counts: np.ndarray, kind: Literal["uniform", "popularity"], alpha: float = 1.0, seed: int = 0
-    ) -> None:
+    def __init__(self, counts: np.ndarray, kind: Literal["uniform", "popularity"], alpha: float = 1.0) -> None:
         # counts[i] is item i's training frequency (items are the caller's positions); unseen items never drawn.
         counts = np.asarray(counts, dtype=np.float64)
         weights = (counts > 0).astype(np.float64) if kind == "uniform" else np.power(counts, alpha)
         if weights.sum() <= 0:
             raise ValueError("no item has a positive training count to sample negatives from")
         self.kind = kind
-        self.probs = torch.from_numpy(weights / weights.sum())
-        self.generator = torch.Generator().manual_seed(seed)
+        self.probs = weights / weights.sum()
+        self._cdf = np.cumsum(self.probs)
 
-    def sample(self, n: int) -> torch.Tensor:
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """(n,) item positions drawn with replacement."""
-        return torch.multinomial(self.probs, n, replacement=True, generator=self.generator)
+        draws = np.searchsorted(self._cdf, rng.random(n) * self._cdf[-1], side="right")
+        return np.minimum(draws, len(self._cdf) - 1).astype(np.int64)

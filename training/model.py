@@ -182,17 +182,24 @@ class TwoTower(nn.Module):
             if isinstance(module, nn.Embedding | nn.EmbeddingBag):
                 nn.init.normal_(module.weight, std=self.config.init_std)
 
+    @property
+    def device(self) -> torch.device:
+        return self.item_tower.item_id.weight.device
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
     def users(self, batch: EncodedUsers) -> torch.Tensor:
-        """(B, D) user embeddings for encoded users."""
+        """(B, D) user embeddings for encoded users (on the model's device)."""
         return self.user_tower(
-            torch.from_numpy(batch.ids),
-            {k: torch.from_numpy(v) for k, v in batch.features.items()},
-            torch.from_numpy(batch.history),
+            self._tensor(batch.ids),
+            {k: self._tensor(v) for k, v in batch.features.items()},
+            self._tensor(batch.history),
         )
 
     def items(self, batch: EncodedItems) -> torch.Tensor:
-        """(N, D) item embeddings for encoded items."""
-        return self.item_tower(torch.from_numpy(batch.ids), {k: torch.from_numpy(v) for k, v in batch.features.items()})
+        """(N, D) item embeddings for encoded items (on the model's device)."""
+        return self.item_tower(self._tensor(batch.ids), {k: self._tensor(v) for k, v in batch.features.items()})
 
 
 @torch.inference_mode()
@@ -206,7 +213,7 @@ def embed_items(model: TwoTower, items: EncodedItems, chunk: int = 65536, progre
     for start in tqdm(starts, desc="embed items", unit="chunk", disable=not progress):
         end = min(start + chunk, len(items))
         part = EncodedItems(items.ids[start:end], {k: v[start:end] for k, v in items.features.items()})
-        out[start:end] = model.items(part).numpy()
+        out[start:end] = model.items(part).float().cpu().numpy()
     return out
 
 
@@ -222,7 +229,7 @@ def embed_users(model: TwoTower, users: EncodedUsers, chunk: int = 8192) -> np.n
             {k: v[start:end] for k, v in users.features.items()},
             users.history[start:end],
         )
-        out[start:end] = model.users(part).numpy()
+        out[start:end] = model.users(part).float().cpu().numpy()
     return out
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training.dataset import YEAR_BOUNDARIES, Dataset, bare_table, cover_ids, make_interactions
+from training.dataset import YEAR_BOUNDARIES, Dataset, build_dataset, make_interactions
 from training.features import FeatureDef, FeatureSpec
 from training.tables import DataFormatError, decode_error, drop_duplicate_ids, nonblank_lines, read_delimited
 
@@ -114,9 +114,7 @@ def load_movielens_100k(path: Path) -> Dataset:
         ratings.rating.astype(np.float32),
         source=path / "u.data",
     )
-    users = cover_ids(users, interactions.user_id, (), path / "u.user")
-    items = cover_ids(items, interactions.item_id, ("genres",), path / "u.item")
-    return Dataset("movielens-100k", interactions, users, items, MOVIELENS_SPEC)
+    return build_dataset("movielens-100k", interactions, users, items, MOVIELENS_SPEC, path / "u.user", path / "u.item")
 
 
 def _folder(path: Path) -> Path:
@@ -328,16 +326,16 @@ def load_movielens_1m(path: Path) -> Dataset:
     interactions = make_interactions(
         ratings.user_id, ratings.item_id, ratings.timestamp, ratings.rating, source=folder / "ratings.dat"
     )
+    users: pd.DataFrame | None = None
     if (folder / "users.dat").exists():
         name, spec = "movielens-1m", MOVIELENS_SPEC
-        users = cover_ids(_read_users_dat(folder / "users.dat"), interactions.user_id, (), folder / "users.dat")
+        users = _read_users_dat(folder / "users.dat")
     else:
         name, spec = "movielens-10m", MOVIELENS_LATEST_SPEC
-        users = bare_table(interactions.user_id, "user_id")
     movies = folder / "movies.dat"
-    items = cover_ids(_read_movies_dat(movies), interactions.item_id, ("genres",), movies)
-    _check_widths(items, spec.item_features, movies)
-    return Dataset(name, interactions, users, items, spec)
+    dataset = build_dataset(name, interactions, users, _read_movies_dat(movies), spec, folder / "users.dat", movies)
+    _check_widths(dataset.items, spec.item_features, movies)
+    return dataset
 
 
 # --------------------------------------------------------------------------- MovieLens latest / 20M / 25M
@@ -393,9 +391,8 @@ def load_movielens_latest(path: Path) -> Dataset:
         ratings.user_id, ratings.item_id, ratings.timestamp, ratings.rating, source=folder / "ratings.csv"
     )
     movies = folder / "movies.csv"
-    items = cover_ids(_read_movies_csv(movies), interactions.item_id, ("genres",), movies)
-    _check_widths(items, MOVIELENS_LATEST_SPEC.item_features, movies)
     name = folder.name.lower()
     name = f"movielens-{name.removeprefix('ml-')}" if name.startswith("ml-") else "movielens-latest"
-    users = bare_table(interactions.user_id, "user_id")
-    return Dataset(name, interactions, users, items, MOVIELENS_LATEST_SPEC)
+    dataset = build_dataset(name, interactions, None, _read_movies_csv(movies), MOVIELENS_LATEST_SPEC, "users", movies)
+    _check_widths(dataset.items, MOVIELENS_LATEST_SPEC.item_features, movies)
+    return dataset

@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
-from training import artifacts
+from training import artifacts, distributed
 from training.artifacts import INDEX_ITEMS, INDEX_VERSION_PREFIX, ArtifactError, ArtifactStore, LoadedModel, load_model
 from training.catalog import CatalogError, catalog_sha256, normalize_catalog, read_catalog
 from training.features import encode_item_frame, encode_user_frame
@@ -191,55 +193,22 @@ def reindex(
         loaded.version,
         resolved,
     )
-    version = artifacts.new_version(INDEX_VERSION_PREFIX)
     timings = {"load_s": time.perf_counter() - started}
-    with artifacts.publishing(store.index_dir(version)) as tmp:
-        # Written first: a catalog Parquet cannot hold fails before the expensive part.
-        _write_items(items, tmp / INDEX_ITEMS, source)
-        start = time.perf_counter()
-        vectors = embed_catalog(model, items, progress=progress)  # (N, D)
-        timings["embed_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        queries = user_queries(loaded)
-        item_index, report = build_index(
-            vectors,
-            items.index.tolist(),
-            resolved,
-            recall_target,
-            queries,
-            min(RECALL_K, n),
-            model_version=loaded.version,
-            progress=progress,
-            n_eval_queries=RECALL_QUERIES,
-        )
-        timings["index_s"] = time.perf_counter() - start  # train + add + recall check and tuning + latency
-        manifest = save_index(
-            item_index,
-            tmp,
-            report,
-            {
-                "catalog_sha256": digest,
-                "catalog_source": source,
-                "items_file": INDEX_ITEMS,
-                "new_items": new_items,
-                "normalized": bool(model.config.normalize),
-                "recipe_requested": recipe,
-                "timings": timings,
-            },
-            version=version,
-        )
-    store.set_active_index(version)
-    log.info(
-        "published index %s: %s %s, recall@%d %.4f (target %s), %d items, in %.1f s; ACTIVE_INDEX moved",
-        version,
-        manifest["recipe"],
-        manifest["params"],
-        manifest["recall_k"],
-        manifest[f"recall@{manifest['recall_k']}"],
-        recall_target,
-        n,
-        time.perf_counter() - started,
-    )
+    start = time.perf_counter()
+    vectors = embed_across_ranks(model, items, progress=progress)  # (N, D), every rank's share gathered
+    timings["embed_s"] = time.perf_counter() - start
+    if not distributed.is_main():  # rank 0 builds and publishes; the others learn how it went
+        outcome = distributed.broadcast(None)
+        if outcome[0] == "error":
+            raise ArtifactError(f"rank 0 did not publish: {outcome[1]}")
+        return str(outcome[1])
+    try:
+        job = _Job(loaded, items, source, digest, resolved, recipe, recall_target, new_items, timings, started)
+        version = _publish(store, job, vectors, progress)
+    except BaseException as e:
+        distributed.broadcast(("error", f"{type(e).__name__}: {e}"))
+        raise
+    distributed.broadcast(("ok", version))
     if redis_url:
         try:
             receivers = notify_redis(redis_url, redis_prefix, version)
@@ -252,4 +221,82 @@ def reindex(
                 type(e).__name__,
                 e,
             )
+    return version
+
+
+def embed_across_ranks(model: TwoTower, items: pd.DataFrame, progress: bool) -> np.ndarray:
+    """`embed_catalog` of the whole catalog; under torchrun each rank embeds a contiguous share and the shares are
+    gathered in rank order, which is catalog order."""
+    world, rank = distributed.world(), distributed.rank()
+    bounds = np.linspace(0, len(items), world + 1).astype(int)
+    share = embed_catalog(model, items.iloc[bounds[rank] : bounds[rank + 1]], progress=progress and rank == 0)
+    if world == 1:
+        return share
+    return distributed.gather_rows(torch.from_numpy(share)).numpy()
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one re-index run indexes, and with what."""
+
+    loaded: LoadedModel
+    items: pd.DataFrame  # the normalized catalog
+    source: str
+    digest: str  # catalog_sha256
+    recipe: str  # resolved
+    recipe_requested: str
+    recall_target: float
+    new_items: int
+    timings: dict[str, float]
+    started: float
+
+
+def _publish(store: ArtifactStore, job: _Job, vectors: np.ndarray, progress: bool) -> str:
+    """Build, measure and write the index over `vectors`, then move the active pointer; returns the version."""
+    loaded, items, source, timings = job.loaded, job.items, job.source, job.timings
+    n, model = len(items), loaded.model
+    version = artifacts.new_version(INDEX_VERSION_PREFIX)
+    with artifacts.publishing(store.index_dir(version)) as tmp:
+        _write_items(items, tmp / INDEX_ITEMS, source)
+        start = time.perf_counter()
+        queries = user_queries(loaded)
+        item_index, report = build_index(
+            vectors,
+            items.index.tolist(),
+            job.recipe,
+            job.recall_target,
+            queries,
+            min(RECALL_K, n),
+            model_version=loaded.version,
+            progress=progress,
+            n_eval_queries=RECALL_QUERIES,
+        )
+        timings["index_s"] = time.perf_counter() - start  # train + add + recall check and tuning + latency
+        manifest = save_index(
+            item_index,
+            tmp,
+            report,
+            {
+                "catalog_sha256": job.digest,
+                "catalog_source": source,
+                "items_file": INDEX_ITEMS,
+                "new_items": job.new_items,
+                "normalized": bool(model.config.normalize),
+                "recipe_requested": job.recipe_requested,
+                "timings": timings,
+            },
+            version=version,
+        )
+    store.set_active_index(version)
+    log.info(
+        "published index %s: %s %s, recall@%d %.4f (target %s), %d items, in %.1f s; ACTIVE_INDEX moved",
+        version,
+        manifest["recipe"],
+        manifest["params"],
+        manifest["recall_k"],
+        manifest[f"recall@{manifest['recall_k']}"],
+        job.recall_target,
+        n,
+        time.perf_counter() - job.started,
+    )
     return version

@@ -19,8 +19,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 
-from training.dataset import Dataset, bare_table, cover_ids, make_interactions
+from training.dataset import (
+    Dataset,
+    Interactions,
+    build_dataset,
+    interactions_from_codes,
+    make_interactions,
+    sorted_codes,
+)
 from training.features import FeatureDef, FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -121,6 +132,10 @@ def drop_duplicate_ids(table: pd.DataFrame, source: Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------- the generic format
 
 TABLE_SUFFIXES = (".csv", ".parquet")
+# Rows per chunk of a streamed interactions file, and bytes per CSV read block: the memory of a read is a few
+# chunks, whatever the file's size.
+STREAM_ROWS = 1 << 20
+STREAM_BLOCK_BYTES = 1 << 26
 MAX_MULTI_VALUES = 32  # a wider multi-valued column is truncated by the encoder (and the loader says so)
 _YEAR_NAME = re.compile(r"(^|_)year(_|$)")
 
@@ -251,24 +266,38 @@ def _table_ids(table: _Table, column: str) -> pd.Series:
     return id_strings(values)
 
 
-def _table_timestamps(table: _Table, column: str) -> np.ndarray:
-    """Unix seconds from integer timestamps or ISO 8601 dates (datetimes without a zone are taken as UTC)."""
-    values = table.frame[column]
+def timestamp_seconds(values: pd.Series) -> tuple[np.ndarray, np.ndarray, str]:
+    """Unix seconds from integer timestamps or ISO 8601 dates (datetimes without a zone are taken as UTC):
+    (seconds, a mask of the values that are neither, what was expected of them)."""
     if not pd.api.types.is_datetime64_any_dtype(values):
-        numbers = pd.to_numeric(values, errors="coerce").astype(np.float64)
-        if numbers.notna().any() or values.isna().all():
-            table.fail_first(~np.isfinite(numbers.to_numpy()), column, "a unix timestamp or an ISO 8601 date")
-            return np.floor(numbers.to_numpy()).astype(np.int64)
+        numbers = pd.to_numeric(values, errors="coerce").astype(np.float64).to_numpy()
+        if np.isfinite(numbers).any() or values.isna().all():
+            bad = ~np.isfinite(numbers)
+            return np.floor(np.where(bad, 0, numbers)).astype(np.int64), bad, "a unix timestamp or an ISO 8601 date"
         values = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce")
-    table.fail_first(values.isna(), column, "an ISO 8601 date or a unix timestamp")
-    dates = pd.to_datetime(values, utc=True)
-    return ((dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
+    bad = values.isna().to_numpy()
+    dates = pd.to_datetime(values, utc=True).fillna(pd.Timestamp(0, tz="UTC"))
+    seconds = ((dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
+    return seconds, bad, "an ISO 8601 date or a unix timestamp"
+
+
+def weight_values(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 weights, a mask of the values that are not finite numbers)."""
+    numbers = pd.to_numeric(values, errors="coerce").astype(np.float64).to_numpy()
+    bad = ~np.isfinite(numbers)
+    return np.where(bad, 0, numbers).astype(np.float32), bad
+
+
+def _table_timestamps(table: _Table, column: str) -> np.ndarray:
+    seconds, bad, expected = timestamp_seconds(table.frame[column])
+    table.fail_first(bad, column, expected)
+    return seconds
 
 
 def _table_weights(table: _Table, column: str) -> np.ndarray:
-    numbers = pd.to_numeric(table.frame[column], errors="coerce").astype(np.float64).to_numpy()
-    table.fail_first(~np.isfinite(numbers), column, "a number")
-    return numbers.astype(np.float32)
+    weights, bad = weight_values(table.frame[column])
+    table.fail_first(bad, column, "a number")
+    return weights
 
 
 def is_list(value: Any) -> bool:
@@ -294,28 +323,45 @@ def _as_text(raw: Any) -> str | None:
     return str(raw)
 
 
+def _texts(column: pd.Series) -> list[str | None]:
+    """The column's values as text (None where missing); an integer column with gaps reads "7", not "7.0"."""
+    present = column.notna().to_numpy()
+    if pd.api.types.is_float_dtype(column) and (column[present] % 1 == 0).all():
+        column = column.astype("Int64")
+    if pd.api.types.is_numeric_dtype(column) or pd.api.types.infer_dtype(column, skipna=True) == "string":
+        values = column.astype(object).astype(str).to_numpy(dtype=object)
+        values[~present] = None
+        return list(values)
+    return [_as_text(v) for v in column]
+
+
 def _infer_feature(name: str, column: pd.Series, source: Path) -> tuple[FeatureDef | None, list[Any]]:
     """How a feature-table column becomes a feature, and its values normalized for that kind.
 
     Lists, or strings containing "|", are multi-valued (lists of str); numbers in a column named like "year"
     are bucketed by decade; everything else is categorical (str). A column without values, or a text column
     whose every value is distinct (a title, an email: nothing to generalize from) is kept but not used."""
-    present = [v for v in column if isinstance(v, list | tuple | np.ndarray) or not is_missing(v)]
-    if not present:
+    textual = column.dtype == object or pd.api.types.is_string_dtype(column)
+    listish = column.map(is_list).to_numpy(dtype=bool) if column.dtype == object else np.zeros(len(column), bool)
+    present = listish | column.notna().to_numpy()
+    n_present = int(present.sum())
+    if not n_present:
         log.info("%s: column %r has no values; not used as a feature", source, name)
         return None, list(column)
-    if any(isinstance(v, list | tuple | np.ndarray) or (isinstance(v, str) and "|" in v) for v in present):
+    plain = column[~listish & present]
+    texts_with_bars = textual and bool(plain.astype(str).str.contains("|", regex=False).any())
+    if listish.any() or texts_with_bars:
         lists = [multi_values(v) for v in column]
         width = max(1, *(len(v) for v in lists))
         return FeatureDef(name, "multi", max_values=min(width, MAX_MULTI_VALUES)), lists
     numbers = pd.to_numeric(column, errors="coerce").astype(np.float64)
-    if _YEAR_NAME.search(name.lower()) and numbers.notna().sum() == len(present):
+    if _YEAR_NAME.search(name.lower()) and numbers.notna().sum() == n_present:
         low, high = int(numbers.min()) // 10 * 10, int(numbers.max()) // 10 * 10
         boundaries = tuple(float(y) for y in range(low + 10, high + 10, 10))
         return FeatureDef(name, "bucket", boundaries=boundaries), list(numbers)
-    texts = [_as_text(v) for v in column]
-    distinct = len({t for t in texts if t is not None})
-    if len(present) >= 100 and distinct == len(present) and numbers.notna().sum() == 0:
+    texts = _texts(column)
+    distinct = pd.Series(texts, dtype=object).nunique(dropna=True)
+    if n_present >= 100 and distinct == n_present and numbers.notna().sum() == 0:
         log.info("%s: column %r has a distinct value in every row; not used as a feature", source, name)
         return None, texts
     return FeatureDef(name), texts
@@ -346,6 +392,162 @@ def _beside(folder: Path, stem: str) -> Path | None:
     return found[0] if found else None
 
 
+class _NotStreamable(Exception):
+    """The streaming reader met something it does not report by file, line and column: re-read to locate it."""
+
+
+class IdEncoder:
+    """Ids of a streamed column, chunk by chunk, then as int32 codes with the distinct ids as str: integer ids are
+    hashed once at the end (`pd.factorize`), text ids dictionary-encoded per chunk and the chunks' dictionaries
+    unified (pyarrow), so no per-row (or per-distinct-id) Python object is made."""
+
+    def __init__(self) -> None:
+        self._numbers: list[np.ndarray] = []
+        self._indices: list[np.ndarray] = []
+        self._dictionaries: list[pa.Array] = []
+
+    def add(self, column: pa.Array | pa.ChunkedArray) -> None:
+        if column.null_count:
+            raise _NotStreamable("a missing id")
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if pa.types.is_floating(column.type):
+            values = column.to_numpy()
+            if not (values == np.floor(values)).all():
+                raise _NotStreamable("fractional ids")
+            column = pa.array(values.astype(np.int64))  # ids stored as floats: "7", not "7.0"
+        if pa.types.is_integer(column.type):
+            self._numbers.append(column.to_numpy().astype(np.int64, copy=False))
+            return
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            column = pc.cast(column, pa.string())
+        encoded = pc.dictionary_encode(column)
+        if pc.any(pc.equal(pc.utf8_trim_whitespace(encoded.dictionary), "")).as_py():
+            raise _NotStreamable("an empty id")
+        self._indices.append(encoded.indices.to_numpy(zero_copy_only=False))
+        self._dictionaries.append(encoded.dictionary)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """(int32 codes of every row added, in first-seen order of the ids; the distinct ids as str)."""
+        if self._numbers and self._indices:
+            raise _NotStreamable("ids of several types")
+        if self._numbers:
+            codes, uniques = pd.factorize(np.concatenate(self._numbers))
+            return codes.astype(np.int32), np.asarray(uniques.astype(str), dtype=object)
+        if not self._indices:
+            return np.zeros(0, np.int32), np.zeros(0, dtype=object)
+        ids = pc.unique(pa.concat_arrays(self._dictionaries))
+        parts = [
+            pc.index_in(dictionary, value_set=ids).to_numpy().astype(np.int32)[indices]
+            for dictionary, indices in zip(self._dictionaries, self._indices, strict=True)
+        ]
+        return np.concatenate(parts), np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object)
+
+
+def _batches(source: Path, wanted: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    """The source's `wanted` columns in record batches of about STREAM_ROWS rows (CSV cells as text)."""
+    if source.suffix.lower() == ".parquet":
+        yield from pq.ParquetFile(source).iter_batches(batch_size=STREAM_ROWS, columns=list(wanted))
+        return
+    header = _csv_header(source)
+    names = {*header, *(f"\ufeff{name}" for name in header)}  # a byte-order mark stays on the first name
+    reader = pa_csv.open_csv(
+        source,
+        read_options=pa_csv.ReadOptions(block_size=STREAM_BLOCK_BYTES),
+        convert_options=pa_csv.ConvertOptions(
+            column_types={name: pa.string() for name in names},
+            include_columns=list(wanted),
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    yield from reader
+
+
+def _csv_header(path: Path) -> list[str]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        return next(csv.reader(handle), [])
+
+
+def _columns(source: Path) -> list[str]:
+    if source.suffix.lower() == ".parquet":
+        return list(pq.ParquetFile(source).schema_arrow.names)
+    return _csv_header(source)
+
+
+def _stream_interactions(source: Path) -> Interactions:
+    """The interactions table read in chunks (pyarrow) straight into codes: no per-row Python object, so a file of
+    tens of millions of rows reads within a few GB. Raises `_NotStreamable` at anything it would have to locate."""
+    columns = _columns(source)
+    user_column = next((c for c in ("user_id", "user") if c in columns), None)
+    item_column = next((c for c in ("item_id", "item") if c in columns), None)
+    if user_column is None or item_column is None:
+        raise _NotStreamable("a missing column")
+    has_time, has_weight = "timestamp" in columns, "weight" in columns
+    wanted = [user_column, item_column, *(["timestamp"] if has_time else []), *(["weight"] if has_weight else [])]
+    ignored = [c for c in columns if c not in wanted]
+    if ignored:
+        log.info("%s: ignored columns %s", source, ignored)
+    if not has_time:
+        log.info("%s: no timestamp column; events are ordered by row", source)
+    users, items = IdEncoder(), IdEncoder()
+    times, weights = [], []
+    try:
+        for batch in _batches(source, wanted):
+            users.add(batch.column(user_column))
+            items.add(batch.column(item_column))
+            if has_time:
+                seconds, bad, _ = timestamp_seconds(batch.column("timestamp").to_pandas())
+                if bad.any():
+                    raise _NotStreamable("a bad timestamp")
+                times.append(seconds)
+            if has_weight:
+                values, bad = weight_values(batch.column("weight").to_pandas())
+                if bad.any():
+                    raise _NotStreamable("a bad weight")
+                weights.append(values)
+    except (pa.ArrowInvalid, ValueError, TypeError) as e:  # a row of the wrong width, a value of another type
+        raise _NotStreamable(str(e)) from e
+    user_codes, user_ids = users.finish()
+    item_codes, item_ids = items.finish()
+    if not len(user_codes):
+        raise DataFormatError(f"{source}: no interactions")
+    user, user_ids = sorted_codes(user_codes, user_ids)
+    return interactions_from_codes(
+        user,
+        item_codes,
+        user_ids,
+        item_ids,
+        np.concatenate(times) if has_time else None,
+        np.concatenate(weights) if has_weight else None,
+        source,
+    )
+
+
+def _located_interactions(source: Path) -> Interactions:
+    """The interactions table read whole, cell by cell checked: a malformed one raises `DataFormatError` naming
+    file:line:column (CSV) or row and column (Parquet)."""
+    table = read_table(source)
+    user_column = table.require(("user_id", "user"))
+    item_column = table.require(("item_id", "item"))
+    users_ids, item_ids = _table_ids(table, user_column), _table_ids(table, item_column)
+    timestamps = _table_timestamps(table, "timestamp") if "timestamp" in table.frame.columns else None
+    weights = _table_weights(table, "weight") if "weight" in table.frame.columns else None
+    if table.frame.empty:
+        raise DataFormatError(f"{source}: no interactions")
+    return make_interactions(users_ids, item_ids, timestamps, weights, source=source)
+
+
+def read_interactions(source: Path) -> Interactions:
+    """An interactions table as integer arrays: streamed in chunks; when the stream meets a malformed cell, the file
+    is re-read whole to name it (or, if the streaming reader was only stricter than needed, to read it anyway)."""
+    try:
+        return _stream_interactions(source)
+    except _NotStreamable as e:
+        log.info("%s: streaming reader stopped (%s); re-reading it whole to locate the problem", source, e)
+        return _located_interactions(source)
+
+
 def load_interactions(path: Path) -> Dataset:
     """Generic tables: `interactions.csv|parquet` in a folder (or any .csv/.parquet file given directly)
     with columns user_id (or user), item_id (or item), optional timestamp (unix seconds or ISO 8601; without
@@ -355,44 +557,27 @@ def load_interactions(path: Path) -> Dataset:
     source = path if path.is_file() else _beside(path, "interactions")
     if source is None:
         raise DataFormatError(f"{path}: no interactions.csv or interactions.parquet")
-    table = read_table(source)
-    user_column = table.require(("user_id", "user"))
-    item_column = table.require(("item_id", "item"))
-    users_ids, item_ids = _table_ids(table, user_column), _table_ids(table, item_column)
-    timestamps = weights = None
-    if "timestamp" in table.frame.columns:
-        timestamps = _table_timestamps(table, "timestamp")
-    else:
-        log.info("%s: no timestamp column; events are ordered by row", source)
-    if "weight" in table.frame.columns:
-        weights = _table_weights(table, "weight")
-    used = (user_column, item_column, "timestamp", "weight")
-    ignored = [str(c) for c in table.frame.columns if c not in used]
-    if ignored:
-        log.info("%s: ignored columns %s", source, ignored)
-    if table.frame.empty:
-        raise DataFormatError(f"{source}: no interactions")
-    interactions = make_interactions(users_ids, item_ids, timestamps, weights, source=source)
-
+    interactions = read_interactions(source)
     tables: dict[str, _FeatureTable | None] = {}
     for kind in ("user", "item"):
         side = _beside(source.parent, f"{kind}s")
         tables[kind] = (*_read_feature_table(side, (f"{kind}_id", kind)), side) if side is not None else None
     _rename_shared_feature_names(tables)
-
-    def described(kind: str) -> tuple[pd.DataFrame, tuple[FeatureDef, ...]]:
-        ids = interactions[f"{kind}_id"]
-        entry = tables[kind]
-        if entry is None:
-            return bare_table(ids, f"{kind}_id"), ()
-        frame, features, side = entry
-        frame = cover_ids(frame, ids, [f.name for f in features if f.kind == "multi"], side)
-        return frame, tuple(features)
-
-    users, user_features = described("user")
-    items, item_features = described("item")
+    user_entry, item_entry = tables["user"], tables["item"]
+    spec = FeatureSpec(
+        tuple(user_entry[1]) if user_entry else (),
+        tuple(item_entry[1]) if item_entry else (),
+    )
     name = source.parent.name if path.is_dir() else source.stem
-    return Dataset(name, interactions, users, items, FeatureSpec(user_features, item_features))
+    return build_dataset(
+        name,
+        interactions,
+        user_entry[0] if user_entry else None,
+        item_entry[0] if item_entry else None,
+        spec,
+        user_entry[2] if user_entry else "users",
+        item_entry[2] if item_entry else "items",
+    )
 
 
 _FeatureTable = tuple[pd.DataFrame, list[FeatureDef], Path]
