@@ -30,6 +30,9 @@ log = logging.getLogger("benchmarks.peers")
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0)
 ALS_GRID = {"factors": (32, 64, 128), "regularization": (0.01, 0.1, 1.0), "alpha": (1.0, 2.0, 5.0, 10.0)}
+# How a range is extended past its edge, and how many rounds of that at most.
+ALS_STEPS = {"factors": 2, "regularization": 10, "alpha": 2}
+ALS_EXTENSIONS = 4
 VAL_FRACTION = 0.1  # the validation slice, carved from the training rows exactly as the two-tower's fit does it
 
 
@@ -159,7 +162,26 @@ def implicit_als(
     validation = Protocol(fit_rows, val_rows)
     grid = [dict(zip(ALS_GRID, values, strict=True)) for values in itertools.product(*ALS_GRID.values())]
     with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, single-threaded BLAS
-        scored = [(fit_score(fit_rows, validation, params).ndcg, params) for params in grid]
-        best_ndcg, best = max(scored, key=lambda pair: pair[0])
-        log.info("ALS seed %d: best validation NDCG@10 %.4f with %s", seed, best_ndcg, best)
-        return fit_score(train, protocol, best), {**best, "val_ndcg@10": best_ndcg}
+        scored: dict[tuple[tuple[str, Any], ...], float] = {
+            tuple(p.items()): fit_score(fit_rows, validation, p).ndcg for p in grid
+        }
+        values = {name: list(choices) for name, choices in ALS_GRID.items()}
+        # A best value at the edge of its range is no optimum: extend that range (one setting at a time, the others
+        # at their best) until the best lies inside it.
+        for _ in range(ALS_EXTENSIONS):
+            best = dict(max(scored.items(), key=lambda entry: entry[1])[0])
+            edges = [(n, step) for n, step in ALS_STEPS.items() if best[n] in (values[n][0], values[n][-1])]
+            if not edges:
+                break
+            for name, step in edges:
+                at_top = best[name] == values[name][-1]
+                value = type(best[name])(best[name] * step if at_top else best[name] / step)
+                values[name] = [*values[name], value] if at_top else [value, *values[name]]
+                candidate = {**best, name: value}
+                scored[tuple(candidate.items())] = fit_score(fit_rows, validation, candidate).ndcg
+        key = max(scored.items(), key=lambda entry: entry[1])[0]
+        best, best_ndcg = dict(key), scored[key]
+        log.info(
+            "ALS seed %d: best validation NDCG@10 %.4f with %s (%d settings tried)", seed, best_ndcg, best, len(scored)
+        )
+        return fit_score(train, protocol, best), {**best, "val_ndcg@10": best_ndcg, "tried": len(scored)}

@@ -35,7 +35,7 @@ ADMIN_TOKEN = "test-admin-token-0123456789"
 # twice; the refit has a test of its own).
 TINY_CONFIG = TrainConfig(
     epochs=30,
-    batch_size=32,
+    batch_size=1024,
     eval_every=5,
     seed=3,
     temperature=1.0,

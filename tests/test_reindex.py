@@ -146,7 +146,7 @@ COLD_DATA = {"n_users": 1000, "n_items": 300, "n_clusters": 20, "interactions_pe
 # A normalised MLP tower with a high id dropout: the item tower must carry a new item by its features alone.
 COLD_CONFIG = TrainConfig(
     epochs=15,
-    batch_size=256,
+    batch_size=4096,
     eval_every=2,
     patience=15,
     seed=3,

@@ -106,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from training import distributed
     from training.artifacts import ArtifactStore, load_model
     from training.config import TrainConfig, with_overrides
-    from training.train import choose_device, train_and_save
+    from training.train import Tuning, choose_device, train_and_save
 
     config = with_overrides(TrainConfig(), _config_overrides(args))
     if args.nproc > 1 and not distributed.launched():
@@ -120,7 +120,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         distributed.barrier()
         dataset = dataset if dataset is not None else _dataset(args, config.seed)
         store = ArtifactStore(_artifacts(args))
-        model_dir = train_and_save(dataset, store, config, holdout=args.holdout, progress=not args.quiet)
+        tuning = Tuning(args.tune, args.tune_seconds, args.tune_storage) if args.tune is not None else None
+        model_dir = train_and_save(dataset, store, config, holdout=args.holdout, progress=not args.quiet, tuning=tuning)
     finally:
         distributed.stop()
     if model_dir is not None:
@@ -142,6 +143,32 @@ def _launch(nproc: int) -> None:
         elif not arg.startswith("--nproc="):
             argv.append(arg)
     torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "training", *argv])
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    """Search only: add trials to the shared study and print what it knows."""
+    from training.artifacts import ArtifactStore
+    from training.config import TrainConfig, with_overrides
+    from training.train import Tuning, search_recipe, training_split
+
+    config = with_overrides(TrainConfig(), _config_overrides(args))
+    dataset = _dataset(args, config.seed)
+    train, _ = training_split(dataset, args.holdout, config.seed)
+    store = ArtifactStore(_artifacts(args))
+    _, searched = search_recipe(
+        dataset, train, config, store, Tuning(args.trials, args.tune_seconds, args.tune_storage)
+    )
+    print(json.dumps({k: v for k, v in searched.items() if k != "history"}, indent=2))
+
+
+def _add_tuning_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tune-seconds", type=float, default=None, help="stop adding trials after this many seconds")
+    parser.add_argument(
+        "--tune-storage",
+        default=None,
+        help="where the study lives, shared by every process that names it: a journal file, or redis://HOST:PORT/DB "
+        "(default: <artifacts>/tuning/<study>.journal)",
+    )
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -251,8 +278,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="train with this many processes on this machine (torchrun --standalone --nproc_per_node=N); for "
         "several machines run torchrun yourself (README)",
     )
+    train.add_argument(
+        "--tune",
+        type=int,
+        default=None,
+        metavar="TRIALS",
+        help="first search the recipe on the validation slice with this many Optuna trials (0: none, just use the "
+        "study's best so far), then train with the best settings",
+    )
+    _add_tuning_args(train)
     _add_config_flags(train)
     train.set_defaults(func=cmd_train)
+
+    tune = sub.add_parser(
+        "tune",
+        help="search the recipe on the validation slice (Optuna) and print the best settings",
+        description="Add trials to the study of this data and recipe (TPE sampling, median pruning) without training "
+        "a final model; several processes or machines can share one study through --tune-storage. "
+        "`twotower train --tune 0 --tune-storage ...` then trains with the best settings found.",
+    )
+    _add_data_args(tune)
+    tune.add_argument("--artifacts", type=Path, default=None, help=ARTIFACTS_HELP)
+    tune.add_argument("--holdout", type=float, default=0.2, help="test fraction, as train uses (never searched on)")
+    tune.add_argument("--trials", type=int, default=20, help="trials to add (default: %(default)s)")
+    _add_tuning_args(tune)
+    _add_config_flags(tune)
+    tune.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser(
         "evaluate",

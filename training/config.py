@@ -50,7 +50,12 @@ class TrainConfig:
         metadata={"help": "epochs between validation passes; 0: about every 500,000 examples, at least every epoch"},
     )
     lr: float = field(default=1e-2, metadata={"help": "Adam learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (dense parameters)"})
+    weight_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight decay: Adam's on dense parameters; on sparse tables, decoupled on the rows a step touches"
+        },
+    )
     optimizer: Literal["sparse", "dense"] = field(
         default="sparse",
         metadata={
@@ -61,7 +66,17 @@ class TrainConfig:
     temperature: float = field(
         default=1.0, metadata={"help": "softmax temperature (unnormalised towers learn the scale in their embeddings)"}
     )
-    margin: float = field(default=1.0, metadata={"help": "triplet: hinge margin"})
+    margin: float = field(
+        default=0.1,
+        metadata={"help": "triplet: hinge margin (with hard_negatives: in units of |u| |v+|, i.e. of cosine)"},
+    )
+    hard_negatives: int = field(
+        default=10,
+        metadata={
+            "help": "triplet: the highest-scoring negatives among the batch's columns each positive is held against; "
+            "0: one negative drawn per positive"
+        },
+    )
     negatives: Literal["uniform", "popularity"] = field(
         default="uniform", metadata={"help": "bpr/triplet: how negatives are drawn"}
     )

@@ -31,6 +31,37 @@ def triplet_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.
     return F.relu(margin - score(users, positives) + score(users, negatives)).mean()
 
 
+def hard_triplet_loss(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    owner: torch.Tensor,
+    column: torch.Tensor,
+    margin: float,
+    hardest: int,
+    hits: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dead: torch.Tensor | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+) -> torch.Tensor:
+    """The triplet hinge against each row's `hardest` negatives among the batch's columns, the ones the current
+    model scores highest (mined, not drawn: a random negative is usually already far below the positive and teaches
+    nothing), with a margin scaled to the embeddings' norms: per positive t of row u and each hard negative v-,
+    max(0, margin |u| |v+| - dot(u, v+) + dot(u, v-)), averaged over the negatives. A row's own items and
+    accidental hits (`hits`) and `dead` columns are never its negatives. users: (U, D); items: (C, D); owner,
+    column: (T,)."""
+    scores = users @ items.T  # (U, C)
+    minus_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    masked = scores.index_put((owner, column), minus_inf)
+    if hits is not None:
+        masked = masked.index_put(hits, minus_inf)
+    if dead is not None:
+        masked = masked.masked_fill(dead.unsqueeze(0), float("-inf"))
+    hard = torch.topk(masked, min(hardest, masked.shape[1]), dim=1).values  # (U, h), -inf where too few
+    positive = scores[owner, column]  # (T,)
+    scale = (users.norm(dim=1)[owner] * items.norm(dim=1)[column]).detach()  # (T,)
+    losses = F.relu((margin * scale - positive).unsqueeze(1) + hard[owner]).mean(dim=1)  # (T,)
+    return losses.sum() if reduction == "sum" else losses.mean()
+
+
 def bpr_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
     """mean of -log sigmoid(dot(u, v+) - dot(u, v-)), computed stably as softplus(-(difference))."""
     return F.softplus(-(score(users, positives) - score(users, negatives))).mean()

@@ -32,7 +32,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,9 @@ from training.config import TrainConfig
 from training.dataset import Dataset, Interactions, split_random, users_table
 from training.evaluate import Protocol, evaluate
 from training.features import EncodedItems, EncodedUsers, build_vocabularies, encode_item_frame, encode_user_frame
-from training.losses import NegativeSampler, bpr_loss, softmax_loss, triplet_loss
+from training.losses import NegativeSampler, bpr_loss, hard_triplet_loss, softmax_loss, triplet_loss
 from training.model import TwoTower, embed_items, embed_users
-from training.plots import plot_curves
+from training.plots import plot_curves, plot_trials
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class Batches:
         }
         positives, owner = items[~keep], row_of[~keep]
         negatives = np.zeros(0, np.int64)
-        if config.loss == "softmax":
+        if in_batch(config):
             # Columns: the batch's distinct positives, plus `uniform_negatives` items drawn uniformly from the items
             # seen in training (mixed negative sampling, Yang et al. 2020), each through the item tower once.
             extra = self.uniform.sample(config.uniform_negatives, rng) if config.uniform_negatives else negatives
@@ -227,7 +227,7 @@ class Batches:
             columns=columns,
             column_items=column_items,
             column=inverse[: len(positives)],
-            negative_column=inverse[len(positives) :] if config.loss != "softmax" else None,
+            negative_column=None if in_batch(config) else inverse[len(positives) :],
             owned=owned,
             owned_row=owned_row,
             examples=len(items),
@@ -285,6 +285,21 @@ class Prefetcher:
 # --------------------------------------------------------------------------- the loss of a step
 
 
+def in_batch(config: TrainConfig) -> bool:
+    """Whether the loss scores each row against the batch's columns (softmax, the triplet with hard negatives)
+    rather than against one sampled negative per positive."""
+    return config.loss == "softmax" or (config.loss == "triplet" and config.hard_negatives > 0)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    items: torch.Tensor  # (C_all, D) every process's column vectors
+    column: torch.Tensor  # (T,) each local positive's column in `items`
+    hits: tuple[torch.Tensor, torch.Tensor]  # (row, column) pairs of accidental hits
+    dead: torch.Tensor | None  # (C_all,) copies of an item no row may use
+    log_q: torch.Tensor | None  # (C_all,)
+
+
 class StepLoss(nn.Module):
     """The towers and the configured loss as one module, whose forward is one step's loss (what DDP wraps: the
     model itself stays loss-free). The loss is the mean over every process's positives, scaled by the number of
@@ -304,36 +319,32 @@ class StepLoss(nn.Module):
         (positives_total,) = distributed.sum_array(np.array([len(batch.positives)], dtype=np.int64))
         scale = distributed.world() / max(int(positives_total), 1)
         owner = torch.from_numpy(batch.owner).to(device)
-        if config.loss == "softmax":
-            all_items = distributed.gather_rows(items)  # (C_all, D): every process's columns
-            codes, _ = distributed.gather_array(batch.columns)
-            # The same item may be a column of several processes: its first copy stands, the others are dead.
-            unique, first = np.unique(codes, return_index=True)
-            dead = np.ones(len(codes), dtype=bool)
-            dead[first] = False
-            column = first[np.searchsorted(unique, batch.columns[batch.column])]
-            # Accidental hits: a column whose item is one of the row's training items (history or positives).
-            at = np.searchsorted(unique, batch.owned).clip(max=len(unique) - 1)
-            hit = unique[at] == batch.owned
-            hits = (
-                torch.from_numpy(batch.owned_row[hit]).to(device),
-                torch.from_numpy(first[at[hit]]).to(device),
-            )
-            log_q = None
-            if config.logq:
-                uniform_total = config.uniform_negatives * distributed.world()
-                log_q = torch.from_numpy(self._log_q(codes, int(positives_total), uniform_total)).to(device)
-            loss = softmax_loss(
-                users,
-                all_items,
-                owner,
-                log_q,
-                config.temperature,
-                hits=hits,
-                column=torch.from_numpy(column).to(device),
-                dead=torch.from_numpy(dead).to(device) if dead.any() else None,
-                reduction="sum",
-            )
+        if in_batch(config):
+            columns = self._columns(batch, items, int(positives_total))
+            if config.loss == "softmax":
+                loss = softmax_loss(
+                    users,
+                    columns.items,
+                    owner,
+                    columns.log_q,
+                    config.temperature,
+                    hits=columns.hits,
+                    column=columns.column,
+                    dead=columns.dead,
+                    reduction="sum",
+                )
+            else:
+                loss = hard_triplet_loss(
+                    users,
+                    columns.items,
+                    owner,
+                    columns.column,
+                    config.margin,
+                    config.hard_negatives,
+                    hits=columns.hits,
+                    dead=columns.dead,
+                    reduction="sum",
+                )
             return loss * scale
         assert batch.negative_column is not None
         rows = torch.from_numpy(batch.column).to(device)
@@ -347,6 +358,32 @@ class StepLoss(nn.Module):
         else:
             loss = triplet_loss(owner_vectors, positive, negative, config.margin) * len(rows)
         return loss * scale
+
+    def _columns(self, batch: Batch, items: torch.Tensor, positives_total: int) -> _Columns:
+        """Every process's columns, each item once (a later copy of an item is dead), with each positive's column,
+        the accidental hits and logQ."""
+        config, device = self.config, items.device
+        all_items = distributed.gather_rows(items)  # (C_all, D): every process's columns
+        codes, _ = distributed.gather_array(batch.columns)
+        unique, first = np.unique(codes, return_index=True)
+        dead = np.ones(len(codes), dtype=bool)
+        dead[first] = False
+        column = first[np.searchsorted(unique, batch.columns[batch.column])]
+        # Accidental hits: a column whose item is one of the row's training items (history or positives).
+        at = np.searchsorted(unique, batch.owned).clip(max=len(unique) - 1)
+        hit = unique[at] == batch.owned
+        hits = (torch.from_numpy(batch.owned_row[hit]).to(device), torch.from_numpy(first[at[hit]]).to(device))
+        log_q = None
+        if config.logq:
+            uniform_total = config.uniform_negatives * distributed.world()
+            log_q = torch.from_numpy(self._log_q(codes, positives_total, uniform_total)).to(device)
+        return _Columns(
+            all_items,
+            torch.from_numpy(column).to(device),
+            hits,
+            torch.from_numpy(dead).to(device) if dead.any() else None,
+            log_q,
+        )
 
     def _log_q(self, columns: np.ndarray, positives: int, uniform: int) -> np.ndarray:
         """log P(item is among the columns): the positives are `positives` draws in proportion to training
@@ -383,6 +420,7 @@ class Trainer:
         self.optimizers: list[torch.optim.Optimizer] = [
             torch.optim.Adam(dense_params, lr=config.lr, weight_decay=config.weight_decay)
         ]
+        self.sparse_params = sparse_params
         if sparse_params:
             self.optimizers.append(torch.optim.SparseAdam(sparse_params, lr=config.lr))
         self.loss = StepLoss(model, config, data.item_counts)
@@ -402,6 +440,13 @@ class Trainer:
         loss.backward()
         for optimizer in self.optimizers:
             optimizer.step()
+        if self.config.weight_decay and self.sparse_params:
+            # SparseAdam has no weight decay: decay the rows this step touched, decoupled (as AdamW does).
+            with torch.no_grad():
+                for parameter in self.sparse_params:
+                    assert parameter.grad is not None
+                    rows = torch.unique(parameter.grad._indices()[0])
+                    parameter[rows] *= 1.0 - self.config.lr * self.config.weight_decay
         return float(loss.item())
 
     def state(self) -> dict[str, Any]:
@@ -514,9 +559,11 @@ def fit(
     config: TrainConfig,
     progress: bool = True,
     checkpoint_dir: Path | None = None,
+    on_validation: Callable[[int, float], None] | None = None,
 ) -> FitResult:
     """Train on `train` minus a validation slice; keep the epoch with the best validation NDCG@10; refit on every
     training row when `config.refit` asks for it. Resumes from `checkpoint_dir` when it holds this run's checkpoint.
+    `on_validation(epoch, ndcg)` hears of every validation pass (a tuner prunes a weak trial by raising from it).
     Under torchrun every rank calls it; rank 0 validates and decides, and its result is the one to use."""
     started = time.perf_counter()
     device = choose_device(config.device)
@@ -606,6 +653,8 @@ def fit(
                 }
             )
             bar.set_postfix(loss=f"{state['curves'][-1]['loss']:.4f}", val_ndcg=f"{val.ndcg:.4f}")
+            if on_validation is not None:
+                on_validation(state["epoch"], val.ndcg)
             if val.ndcg > state["best_ndcg"]:
                 gained = val.ndcg > state["best_ndcg"] * (1 + config.min_improvement)
                 state["stale"] = 0 if gained else state["stale"] + 1
@@ -698,6 +747,40 @@ def _refit(
 # --------------------------------------------------------------------------- twotower train
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """A search to run before the final fit (`training.tune`): trials, a time bound, and where the study lives
+    (a journal file path or a Redis URL; default `<artifacts>/tuning/<study>.journal`)."""
+
+    trials: int
+    seconds: float | None = None
+    storage: str | None = None
+
+
+def training_split(dataset: Dataset, holdout: float, seed: int) -> tuple[Interactions, Interactions]:
+    """(training rows, test rows): `holdout` of the rows held out (DESIGN §4), none with holdout 0."""
+    if holdout > 0:
+        return split_random(dataset.interactions, holdout, seed=seed)
+    return dataset.interactions, dataset.interactions.take(np.zeros(0, dtype=np.int64))
+
+
+def search_recipe(
+    dataset: Dataset, train: Interactions, config: TrainConfig, store: ArtifactStore, tuning: Tuning
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """Run the search on the training rows; (the best recipe found, the search's record)."""
+    from training import tune  # the tuner drives `fit`: imported here, not by everything that trains
+
+    if distributed.world() > 1:
+        raise ValueError("tuning runs its trials in one process each: share a study between processes instead")
+    name = tune.study_name(dataset, config)
+    storage = tune.storage_for(tuning.storage, store.root / "tuning" / f"{name}.journal")
+    started = time.perf_counter()
+    study = tune.search(
+        dataset, train, config, trials=tuning.trials, seconds=tuning.seconds, storage=storage, name=name
+    )
+    return tune.tuned_config(config, study), tune.summary(study, time.perf_counter() - started)
+
+
 def train_and_save(
     dataset: Dataset,
     store: ArtifactStore,
@@ -705,16 +788,18 @@ def train_and_save(
     holdout: float = 0.2,
     progress: bool = True,
     test_users: int | None = None,
+    tuning: Tuning | None = None,
 ) -> Path | None:
-    """Split off `holdout` of the rows as a test set (DESIGN §4), fit on the rest, evaluate on the test set
-    beside the popularity baseline, and publish the model artifact (rank 0; the other ranks of a torchrun get
-    None). With holdout=0 every row trains. A killed run started again with the same arguments resumes from its
-    last checkpoint under `store`."""
+    """Split off `holdout` of the rows as a test set (DESIGN §4), tune the recipe on the rest when `tuning` asks
+    for it, fit on the rest, evaluate on the test set beside the popularity baseline, and publish the model
+    artifact (rank 0; the other ranks of a torchrun get None). With holdout=0 every row trains. A killed run
+    started again with the same arguments resumes from its last checkpoint under `store`."""
     started = time.perf_counter()
-    if holdout > 0:
-        train, test = split_random(dataset.interactions, holdout, seed=config.seed)
-    else:
-        train, test = dataset.interactions, dataset.interactions.take(np.zeros(0, dtype=np.int64))
+    train, test = training_split(dataset, holdout, config.seed)
+    searched: dict[str, Any] | None = None
+    if tuning is not None:
+        config, searched = search_recipe(dataset, train, config, store, tuning)
+        log.info("tuned recipe: %s (validation NDCG@10 %s)", searched["best_params"], searched["best_value"])
     checkpoint_dir = store.root / "checkpoints" / run_key(dataset, config, holdout)
     result = fit(dataset, train, config, progress=progress, checkpoint_dir=checkpoint_dir)
     if not distributed.is_main():
@@ -732,6 +817,14 @@ def train_and_save(
         protocol = Protocol(train, test, test_users, seed=config.seed)
         metrics["test"] = evaluate(result.model, dataset, train, test, test_users).as_dict()
         metrics["test_popularity"] = protocol.popularity(train).as_dict()
+    extra_files: dict[str, Callable[[Path], None]] = {
+        "metrics.json": lambda p: write_json(p, {**metrics, "curves": result.curves, "tuning": searched}),
+        "curves.png": lambda p: plot_curves(result.curves, p, f"{dataset.name} · {config.loss}"),
+    }
+    if searched is not None:
+        history = searched["history"]
+        extra_files["tuning.png"] = lambda p: plot_trials(history, p, f"{dataset.name} · {searched['study']}")
+        metrics["tuning"] = {k: v for k, v in searched.items() if k != "history"}
     catalog = encode_item_frame(dataset.spec, result.model.vocabs, dataset.items)
     model_dir = save_model(
         store,
@@ -748,10 +841,7 @@ def train_and_save(
             "train_rows": len(train),
         },
         metrics=metrics,
-        extra_files={
-            "metrics.json": lambda p: write_json(p, {**metrics, "curves": result.curves}),
-            "curves.png": lambda p: plot_curves(result.curves, p, f"{dataset.name} · {config.loss}"),
-        },
+        extra_files=extra_files,
     )
     log.info("model %s written in %.1f s: %s", model_dir.name, time.perf_counter() - started, metrics)
     distributed.barrier()

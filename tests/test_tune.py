@@ -1,0 +1,63 @@
+"""`training.tune`: on planted data the search finds a far better recipe than a deliberately bad start, its study
+is shared through its storage (a second search adds to the same trials), and a tuned `train_and_save` records the
+search and trains with the best settings."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TINY_CONFIG
+from training.artifacts import ArtifactStore, load_model
+from training.dataset import Dataset, split_random
+from training.train import Tuning, fit, train_and_save
+from training.tune import SEARCH_SPACE, search, storage_for, study_name
+
+BAD = replace(TINY_CONFIG, lr=1e-5, epochs=6, eval_every=2, patience=3)  # learns next to nothing in 6 epochs
+SPACE = {"lr": SEARCH_SPACE["lr"], "history_keep": SEARCH_SPACE["history_keep"]}
+
+
+def test_the_search_beats_a_bad_start_and_shares_its_study(tiny_dataset: Dataset, tmp_path: Path) -> None:
+    train, _ = split_random(tiny_dataset.interactions, 0.2, seed=BAD.seed)
+    start = max(c["val_ndcg@10"] for c in fit(tiny_dataset, train, BAD, progress=False).curves)
+    journal = tmp_path / "study.journal"
+    name = study_name(tiny_dataset, BAD)
+    study = search(
+        tiny_dataset,
+        train,
+        BAD,
+        trials=4,
+        seconds=None,
+        storage=storage_for(str(journal), journal),
+        name=name,
+        space=SPACE,
+    )
+    assert len(study.trials) == 4 and journal.is_file()
+    assert study.best_value > start + 0.05, (study.best_value, start)
+    assert SEARCH_SPACE["lr"][1] <= study.best_params["lr"] <= SEARCH_SPACE["lr"][2]
+    again = search(
+        tiny_dataset,
+        train,
+        BAD,
+        trials=2,
+        seconds=None,
+        storage=storage_for(str(journal), journal),
+        name=name,
+        space=SPACE,
+    )
+    assert len(again.trials) == 6  # another process naming the same study adds to it
+
+
+@pytest.mark.slow
+def test_a_tuned_training_records_its_search_and_uses_the_best_settings(tiny_dataset: Dataset, tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    model_dir = train_and_save(tiny_dataset, store, BAD, progress=False, tuning=Tuning(trials=3))
+    assert model_dir is not None
+    manifest = load_model(model_dir).manifest
+    tuning = manifest["metrics"]["tuning"]
+    assert tuning["trials"] == 3 and tuning["best_params"]
+    assert manifest["training"]["lr"] == pytest.approx(tuning["best_params"]["lr"])
+    assert (model_dir / "tuning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "tuning").glob("*.journal"))  # the study stays for the next run to build on

@@ -1,0 +1,167 @@
+"""Tuning the recipe on the validation slice: an Optuna study (TPE sampling, median pruning of weak trials),
+bounded by trials and by seconds, whose best settings then train the final model.
+
+A trial is `training.train.fit` with a sampled recipe on the fit rows, scored by its best validation NDCG@10 (the
+test rows are never seen); it reports every validation pass, and the pruner stops one that falls below the median
+of earlier trials at the same epoch. `SEARCH_SPACE` covers what moves quality on the development datasets
+(docs/loss.md): learning rate, history fraction, temperature, dropouts, user features on or off, how a tower
+combines its parts, embedding size and weight decay; epochs are left to early stopping.
+
+The study lives in Optuna's own storage, so several processes or machines can share it: a journal file (default
+`<artifacts>/tuning/<study>.journal`; on a shared file system for several machines) or Redis (`redis://...`, e.g.
+the project's). Each `twotower tune` adds trials to the study named by the data and the recipe;
+`twotower train --tune N` adds N more, then trains on the best found by anyone. The search is recorded in the
+model's manifest and metrics.json, and plotted (`tuning.png`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from training.config import TrainConfig, with_overrides
+from training.dataset import Dataset, Interactions
+from training.train import fit
+
+log = logging.getLogger(__name__)
+
+# name -> ("float", low, high, log) | ("int", choices...) | ("categorical", choices...)
+SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
+    "lr": ("float", 1e-3, 5e-2, True),
+    "history_keep": ("float", 0.1, 0.7, False),
+    "temperature": ("float", 0.05, 2.0, True),
+    "id_dropout": ("float", 0.0, 0.5, False),
+    "feature_dropout": ("float", 0.0, 0.5, False),
+    "weight_decay": ("float", 1e-6, 1e-2, True),
+    "use_user_features": ("categorical", True, False),
+    "combine": ("categorical", "sum", "mlp"),
+    "dim": ("categorical", 32, 64, 128),
+}
+# Trials before the pruner may stop one, and validation passes a trial always gets.
+STARTUP_TRIALS = 5
+WARMUP_PASSES = 2
+
+
+def study_name(dataset: Dataset, base: TrainConfig) -> str:
+    """The study a run joins: the same data and base recipe (seed aside) share one."""
+    description = {
+        "dataset": dataset.name,
+        "interactions": len(dataset.interactions),
+        "config": {**dataclasses.asdict(dataclasses.replace(base, seed=0)), "tower": base.tower.to_dict()},
+    }
+    digest = hashlib.blake2b(json.dumps(description, sort_keys=True, default=str).encode(), digest_size=8)
+    return f"{dataset.name}-{base.loss}-{digest.hexdigest()}"
+
+
+def storage_for(url: str | None, default: Path) -> optuna.storages.BaseStorage:
+    """Optuna's journal storage on Redis (`redis://`, `rediss://`, `unix://`) or in a file (a path; default
+    `default`)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
+
+    if url and url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        return JournalStorage(JournalRedisBackend(url))
+    path = Path(url) if url else default
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, tuple[Any, ...]] = SEARCH_SPACE) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, (kind, *spec) in space.items():
+        if kind == "float":
+            low, high, log_scale = spec
+            values[name] = trial.suggest_float(name, low, high, log=log_scale)
+        else:
+            values[name] = trial.suggest_categorical(name, list(spec))
+    return values
+
+
+def search(
+    dataset: Dataset,
+    train: Interactions,
+    base: TrainConfig,
+    *,
+    trials: int,
+    seconds: float | None,
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    space: Mapping[str, tuple[Any, ...]] = SEARCH_SPACE,
+) -> optuna.Study:
+    """Add up to `trials` trials (within `seconds`) to study `name` in `storage`; returns the study."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Seeded by the trials already in the study: reproducible alone, and a worker joining later samples afresh.
+    existing = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}.get(name, 0)
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=base.seed + existing),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=WARMUP_PASSES),
+    )
+    started = time.perf_counter()
+
+    def objective(trial: optuna.Trial) -> float:
+        values = suggest(trial, space)
+        limits = [x for x in (base.max_seconds, None if seconds is None else seconds - (time.perf_counter() - started))]
+        budget = min((x for x in limits if x is not None), default=None)
+        config = with_overrides(dataclasses.replace(base, refit="never", max_seconds=budget), values)
+        passes = 0
+
+        def report(epoch: int, ndcg: float) -> None:
+            nonlocal passes
+            trial.report(ndcg, passes)
+            passes += 1
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation NDCG@10 {ndcg:.4f} at epoch {epoch}")
+
+        result = fit(dataset, train, config, progress=False, on_validation=report)
+        best = max((c["val_ndcg@10"] for c in result.curves), default=0.0)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("seconds", result.seconds)
+        log.info("trial %d: validation NDCG@10 %.4f with %s", trial.number, best, values)
+        return best
+
+    if trials > 0:
+        study.optimize(objective, n_trials=trials, timeout=seconds, gc_after_trial=True)
+    return study
+
+
+def summary(study: optuna.Study, seconds: float) -> dict[str, Any]:
+    """What the manifest and metrics.json record of a search."""
+    states = [t.state.name.lower() for t in study.trials]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return {
+        "study": study.study_name,
+        "trials": len(study.trials),
+        "complete": states.count("complete"),
+        "pruned": states.count("pruned"),
+        "seconds": round(seconds, 1),
+        "best_value": study.best_value if complete else None,
+        "best_params": study.best_params if complete else {},
+        "history": [
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                "value": t.value if t.value is not None else (max(t.intermediate_values.values(), default=math.nan)),
+                "params": t.params,
+            }
+            for t in study.trials
+        ],
+    }
+
+
+def tuned_config(base: TrainConfig, study: optuna.Study) -> TrainConfig:
+    """`base` with the study's best settings (or `base` itself while the study has no finished trial)."""
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return with_overrides(base, study.best_params) if complete else base
