@@ -76,6 +76,7 @@ def load_features(args: argparse.Namespace) -> None:
             data_dir=settings.data_dir,
             prefix=settings.redis_prefix,
             max_history=settings.max_history,
+            max_seen=settings.max_seen,
             timeout=10.0,
         )
         await store.start()

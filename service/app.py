@@ -14,12 +14,14 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.deps import Services
-from service.errors import ServiceError, error_body, status_for
+from service.errors import ServiceError, error_body, status_for, validation_error_body
 from service.metrics import Metrics, MetricsMiddleware
 from service.recommender import Recommender
 from service.retriever import Retriever
@@ -61,6 +63,8 @@ def build_services(settings: Settings) -> Services:
         data_dir=settings.data_dir,
         prefix=settings.redis_prefix,
         max_history=settings.max_history,
+        max_seen=settings.max_seen,
+        event_log_max=settings.event_log_max,
         timeout=settings.redis_timeout,
         on_error=lambda operation: metrics.store_errors.labels(operation).inc(),
         cache_seconds=settings.user_cache_seconds,
@@ -129,6 +133,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse(error_body(exc), status_code=status_for(exc), headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(validation_error_body(exc.errors()), status_code=422)
+
     app.include_router(router)
     app.include_router(admin, include_in_schema=settings.admin_enabled)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema with the configured limits written in (max k, list lengths)."""
+        if app.openapi_schema is None:
+            app.openapi_schema = services.limits.document(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -1,9 +1,11 @@
 """The service's domain errors and the ONE place that maps them to HTTP.
 
 The retriever, the store and the index manager raise these; they know nothing of HTTP. `app.py` installs
-one handler for `ServiceError` that answers with `HTTP_STATUS[type]` and `error_body(exc)`. Request
-validation (pydantic) errors keep FastAPI's standard 422 body; `InvalidInputError` (input that is well-formed
-but wrong for the loaded model, e.g. an unknown feature name) answers in the same shape, naming the field.
+one handler for `ServiceError` that answers with `HTTP_STATUS[type]` and `error_body(exc)`, and one for request
+validation (pydantic) errors, FastAPI's standard 422 shape rendered by `validation_error_body`: whatever the body
+held is echoed back only as a bounded, valid JSON value, so no input can turn a 422 into a 500.
+`InvalidInputError` (input that is well-formed but wrong for the loaded model, e.g. an unknown feature name)
+answers in the same shape, naming the field.
 
     ServiceError                    base class, never raised itself
      ├── InvalidInputError          422  well-formed input the loaded model cannot take; names the field
@@ -19,8 +21,17 @@ but wrong for the loaded model, e.g. an unknown feature name) answers in the sam
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from typing import Any
+
+from service.json_body import NotJSON
+
+# An offending input is echoed back at most this long (strings) or this wide (lists, objects).
+ECHO_CHARACTERS = 80
+ECHO_ITEMS = 5
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ServiceError(Exception):
@@ -104,7 +115,65 @@ def error_body(exc: ServiceError) -> dict[str, Any]:
     if isinstance(exc, InvalidInputError):
         return {
             "detail": [
-                {"type": "value_error", "loc": list(exc.loc), "msg": exc.message, "input": exc.input_value},
+                {
+                    "type": "value_error",
+                    "loc": [_location(p) for p in exc.loc],
+                    "msg": _text(exc.message),
+                    "input": _echo(exc.input_value),
+                },
             ]
         }
     return {"detail": exc.message, "error": type(exc).__name__}
+
+
+def _text(value: str) -> str:
+    if _LONE_SURROGATE.search(value):
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value if len(value) <= ECHO_CHARACTERS else f"{value[:ECHO_CHARACTERS]}… ({len(value)} characters)"
+
+
+def _echo(value: Any, depth: int = 0) -> Any:
+    """`value` as a small, valid JSON value: strings cut short, lone surrogates escaped, non-finite numbers and
+    markers as text, long or nested lists and objects summarized."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, NotJSON):
+        return str(value)
+    if isinstance(value, int):
+        return value if abs(value) < 10**18 else _text(str(value))
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, list | tuple):
+        if depth or len(value) > ECHO_ITEMS:
+            return f"<list of {len(value)} items>"
+        return [_echo(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        if depth or len(value) > ECHO_ITEMS:
+            return f"<object of {len(value)} fields>"
+        return {_text(str(k)): _echo(v, depth + 1) for k, v in value.items()}
+    return _text(repr(value))
+
+
+def _location(part: Any) -> str | int:
+    return part if isinstance(part, int) and not isinstance(part, bool) else _text(str(part))
+
+
+def validation_error_body(errors: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """FastAPI's 422 body (`{"detail": [{type, loc, msg, input, ctx}]}`) with every part made safe to render."""
+    detail = []
+    for error in errors:
+        entry: dict[str, Any] = {
+            "type": str(error.get("type", "value_error")),
+            "loc": [_location(p) for p in error.get("loc", ())],
+            "msg": _text(str(error.get("msg", ""))),
+        }
+        if "input" in error:
+            entry["input"] = _echo(error["input"])
+        if error.get("ctx"):
+            entry["ctx"] = {
+                str(k): _echo(v if isinstance(v, int | float | str) else str(v)) for k, v in error["ctx"].items()
+            }
+        detail.append(entry)
+    return {"detail": detail}

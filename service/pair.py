@@ -171,6 +171,8 @@ def load_pair(
     )
     spec, vocabs = model.model.spec, model.model.vocabs
     cold = tower(encode_users(spec, vocabs, [None], {}, [[]]))[0]
+    if not np.isfinite(cold).all():
+        raise ArtifactError(f"model {model.version}: the user tower gives non-finite vectors ({model_dir})")
     return ServingPair(model, index, index_version, manifest, attributes, time.time(), tower, cold)
 
 
@@ -204,7 +206,7 @@ def _check_vectors_match_towers(model: LoadedModel, index: ItemIndex, items: pd.
     expected = embed_items(model.model, encode_item_frame(spec, model.model.vocabs, rows))  # (S, D)
     actual = np.asarray(index.item_vectors[np.asarray(sample)], dtype=np.float32)  # (S, D)
     error = float(np.abs(expected - actual).max())
-    if error > PARITY_ATOL:
+    if not error <= PARITY_ATOL:  # NaN compares false both ways: a non-finite vector is no match
         raise VersionMismatchError(
             f"index {index_version} says it was built from model {model.version}, but its item vectors differ from "
             f"that model's item tower by up to {error:.3g} (tolerance {PARITY_ATOL}); it was built from another model"

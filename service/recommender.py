@@ -7,9 +7,11 @@
         -> metrics, JSON bytes (`schemas.recommendation_json`)
 
 Concurrent single requests are gathered by the micro-batcher and answered together on the event loop (a batch
-costs less than a thread-pool hop per request would). Work that can grow with the catalog runs in a worker
-thread so the loop keeps serving: a request with an attribute filter (its exact fallback may scan every matching
-item) goes alone, and the batch endpoint's requests go together. Either way it is the same `_respond`.
+costs less than a thread-pool hop per request would). Work that can grow with the catalog or with a user's stored
+state runs in a worker thread so the loop keeps serving: a request with an attribute filter (its exact fallback
+may scan every matching item) goes alone, the batch endpoint's requests go together, and a micro-batch whose
+users leave out many seen items (each one an index lookup and a wider search) is moved there once its store read
+shows it. Either way it is the same `_respond`.
 
 If Redis is unreachable, requests are answered from their own data and marked `degraded` (/readyz and the
 metrics say so too); a request the model cannot take gets its own 422 and never fails its batch-mates.
@@ -27,6 +29,9 @@ from service.metrics import Metrics
 from service.retriever import Recommendation, Retriever, UserQuery
 from service.schemas import RecommendRequest, batch_recommendation_json, recommendation_json
 from service.store import FeatureStore, StoredUser
+
+# A micro-batch whose queries leave out more seen items than this, together, is answered in a worker thread.
+OFFLOAD_SEEN_ITEMS = 256
 
 
 def merged_query(request: RecommendRequest, stored: StoredUser | None, max_history: int) -> UserQuery:
@@ -105,7 +110,7 @@ class Recommender:
         """One store read, one retriever call (in a worker thread when `offload`), one JSON answer or located
         422 error per request."""
         queries, degraded = await self._queries(requests)
-        if offload:
+        if offload or sum(len(q.seen) for q in queries if q.exclude_seen) > OFFLOAD_SEEN_ITEMS:
             results = await run_in_threadpool(self._recommend, queries)
         else:
             results = self._recommend(queries)

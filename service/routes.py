@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import AdminDep, MetricsDep, ServicesDep, StoreDep, WatcherDep
+from service.json_body import StrictJSONRoute
 from service.schemas import (
     MAX_ID_LENGTH,
     BatchRecommendRequest,
@@ -32,29 +33,40 @@ from service.schemas import (
     SimilarItemsResponse,
     StoreStatus,
     SwapResponse,
+    error_responses,
 )
 
 JSON = "application/json"
 
-router = APIRouter()
-admin = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(route_class=StrictJSONRoute)
+admin = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep], route_class=StrictJSONRoute)
 
 
-@router.post("/v1/recommendations", tags=["recommendations"], response_model=RecommendResponse)
+@router.post(
+    "/v1/recommendations",
+    tags=["recommendations"],
+    response_model=RecommendResponse,
+    responses=error_responses(400, 413, 503),
+)
 async def recommend(body: RecommendRequest, services: ServicesDep) -> Response:
     """Top-k items for one user (known user, features only, or cold start)."""
     services.check_limits(body)
     return Response(await services.recommender.recommend(body), media_type=JSON)
 
 
-@router.post("/v1/recommendations/batch", tags=["recommendations"], response_model=BatchRecommendResponse)
+@router.post(
+    "/v1/recommendations/batch",
+    tags=["recommendations"],
+    response_model=BatchRecommendResponse,
+    responses=error_responses(400, 413, 503),
+)
 async def recommend_batch(body: BatchRecommendRequest, services: ServicesDep) -> Response:
     """Top-k for many users in one call: one tower forward pass and one index search."""
     services.check_limits(body)
     return Response(await services.recommender.recommend_many(body.requests), media_type=JSON)
 
 
-@router.post("/v1/events", tags=["events"])
+@router.post("/v1/events", tags=["events"], responses=error_responses(400, 413, 503))
 async def record_events(body: EventsRequest, services: ServicesDep) -> EventsAccepted:
     """Append interactions to users' histories; the next recommendation reflects them. 503 (nothing written)
     when the store is unreachable: an event is acknowledged only once it is stored."""
@@ -65,7 +77,7 @@ async def record_events(body: EventsRequest, services: ServicesDep) -> EventsAcc
     return EventsAccepted(accepted=accepted)
 
 
-@router.get("/v1/items/{item_id}/similar", tags=["items"])
+@router.get("/v1/items/{item_id}/similar", tags=["items"], responses=error_responses(404, 503))
 async def similar_items(
     item_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH)],
     services: ServicesDep,
@@ -99,8 +111,7 @@ async def healthz(services: ServicesDep) -> dict[str, object]:
 async def readyz(services: ServicesDep) -> JSONResponse:
     """Ready once a model/index pair is loaded (503 before); reports versions, item count and the store."""
     store, watcher = services.store, services.watcher
-    await store.ping()  # a real check; never raises, updates the health the body reports
-    health = store.health
+    health = store.health  # kept fresh by the store's monitor: a frozen Redis cannot stall the probe
     pair = services.retriever.current
     body = Readiness(
         status="ready" if pair is not None else "not_ready",
@@ -124,14 +135,14 @@ async def metrics(metrics: MetricsDep, store: StoreDep) -> Response:
     return Response(metrics.render(), media_type=metrics.content_type)
 
 
-@admin.post("/reload")
+@admin.post("/reload", responses=error_responses(401, 404, 409, 503))
 async def admin_reload(watcher: WatcherDep) -> SwapResponse:
     """Drop any pin and load the version the ACTIVE_INDEX pointer names (409 if refused; the old pair serves on)."""
     result = await watcher.reload()
     return SwapResponse(**asdict(result))
 
 
-@admin.post("/pin")
+@admin.post("/pin", responses=error_responses(400, 401, 404, 409, 413, 503))
 async def admin_pin(body: PinRequest, watcher: WatcherDep) -> SwapResponse:
     """Serve `index_version` and ignore new publications until the next reload (409 if refused)."""
     result = await watcher.pin(body.index_version)

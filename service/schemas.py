@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints, model_validator
 
 from service.retriever import Recommendation, RecommendationPath
 from training.artifacts import VERSION_PATTERN
@@ -31,7 +31,12 @@ ItemId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH)]
 Text = Annotated[str, StringConstraints(max_length=MAX_VALUE_LENGTH)]
-FeatureValue = Text | int | float | Annotated[list[Text], Field(max_length=MAX_VALUES)] | None
+# Numbers are strict: a string, a boolean or a float never passes for an int, and an int is bounded (so no digit
+# string or literal of any length slips past the length limit of text); JSON's own rules hold (no NaN or Infinity:
+# service.json_body).
+FeatureInt = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+FeatureValue = Text | FeatureInt | StrictFloat | Annotated[list[Text], Field(max_length=MAX_VALUES)] | None
+Timestamp = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False, description="unix seconds")]
 VersionName = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]
 
 
@@ -53,8 +58,8 @@ class RecommendRequest(_Strict):
         default_factory=list,
         description="recent item ids, newest first, put before the stored history (at most TWOTOWER_MAX_HISTORY)",
     )
-    k: int = Field(10, ge=1, description="items to return (at most TWOTOWER_MAX_K)")
-    exclude_seen: bool = Field(True, description="leave out items in the user's (stored + given) history")
+    k: int = Field(10, ge=1, strict=True, description="items to return (at most TWOTOWER_MAX_K)")
+    exclude_seen: bool = Field(True, strict=True, description="leave out items in the user's (stored + given) history")
     exclude: list[ItemId] = Field(default_factory=list, description="item ids never to return")
     filter: dict[Name, Annotated[list[Text], Field(min_length=1, max_length=MAX_VALUES)]] | None = Field(
         None,
@@ -119,15 +124,29 @@ class BatchRecommendResponse(BaseModel):
 class Event(_Strict):
     user_id: UserId
     item_id: ItemId
-    timestamp: float | None = Field(None, description="unix seconds; orders events within one call (none = now)")
+    timestamp: Timestamp | None = Field(None, description="unix seconds; orders events within one call (none = now)")
+
+
+# The one-form rule, in the schema too: user_id + item_id (+ timestamp), or events, never both.
+_ONE_FORM: dict[str, Any] = {
+    "oneOf": [
+        {"required": ["user_id", "item_id"], "not": {"required": ["events"]}},
+        {
+            "required": ["events"],
+            "not": {"anyOf": [{"required": ["user_id"]}, {"required": ["item_id"]}, {"required": ["timestamp"]}]},
+        },
+    ]
+}
 
 
 class EventsRequest(_Strict):
     """One event (`user_id`, `item_id`, `timestamp`) or many (`events`)."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_FORM)
+
     user_id: UserId | None = None
     item_id: ItemId | None = None
-    timestamp: float | None = None
+    timestamp: Timestamp | None = None
     events: list[Event] | None = Field(None, min_length=1, description="at most TWOTOWER_MAX_EVENTS")
 
     @model_validator(mode="after")
@@ -150,6 +169,28 @@ class EventsRequest(_Strict):
 
 class EventsAccepted(BaseModel):
     accepted: int = Field(description="events written to the store (all of them, or the call fails)")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer but 422 (which is FastAPI's validation shape)."""
+
+    detail: str = Field(description="what went wrong, in a sentence")
+    error: str | None = Field(None, description="the error's class (absent for the framework's own 400 and 413)")
+
+
+ERROR_DESCRIPTIONS = {
+    400: "the body could not be read as JSON text",
+    401: "the admin bearer token is missing or wrong",
+    404: "not found (an unknown item; the admin API when no token is configured)",
+    409: "the model/index pair was refused; the previous pair keeps serving",
+    413: "the body is larger than TWOTOWER_MAX_BODY_BYTES",
+    503: "not ready (no model/index pair loaded) or the store is unreachable; retry after Retry-After seconds",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route: its error statuses, each with `ErrorResponse` and a description."""
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
 class SimilarItemsResponse(BaseModel):
@@ -197,6 +238,28 @@ class Limits:
     max_exclude: int
     max_batch: int
     max_events: int
+
+    def document(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """The configured limits written into an OpenAPI schema, where the models leave them open."""
+        components = schema.get("components", {}).get("schemas", {})
+
+        def at(model: str, field: str) -> dict[str, Any]:
+            prop: dict[str, Any] = components[model]["properties"][field]
+            return next((s for s in prop.get("anyOf", []) if s.get("type") == "array"), prop)
+
+        if "RecommendRequest" in components:
+            components["RecommendRequest"]["properties"]["k"]["maximum"] = self.max_k
+            at("RecommendRequest", "history")["maxItems"] = self.max_history
+            at("RecommendRequest", "exclude")["maxItems"] = self.max_exclude
+        if "BatchRecommendRequest" in components:
+            at("BatchRecommendRequest", "requests")["maxItems"] = self.max_batch
+        if "EventsRequest" in components:
+            at("EventsRequest", "events")["maxItems"] = self.max_events
+        for operation in schema.get("paths", {}).get("/v1/items/{item_id}/similar", {}).values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("name") == "k":
+                    parameter["schema"]["maximum"] = self.max_k
+        return schema
 
     def k_errors(self, k: int, loc: tuple[str | int, ...]) -> list[dict[str, Any]]:
         return _at_most(loc, k, self.max_k)

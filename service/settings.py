@@ -13,6 +13,8 @@ own; `python -m service serve` / `load-features` build it from flags and the env
 | TWOTOWER_ADMIN_TOKEN         | (unset)     | bearer token of /v1/admin/*; unset: admin API disabled (404)   |
 | TWOTOWER_MAX_K               | 1000        | largest k a request may ask for                                |
 | TWOTOWER_MAX_HISTORY         | 200         | longest request history; stored histories are capped to it    |
+| TWOTOWER_MAX_SEEN            | 2000        | seen items kept per user (exclude_seen); older ones may return |
+| TWOTOWER_EVENT_LOG_MAX       | 10000000    | events the log (Redis Stream) keeps before trimming the oldest |
 | TWOTOWER_MAX_EXCLUDE         | 1000        | most ids in a request's `exclude`                              |
 | TWOTOWER_MAX_BATCH           | 64          | most requests in one batch call                                |
 | TWOTOWER_MAX_EVENTS          | 1000        | most events in one /v1/events call                             |
@@ -36,7 +38,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.redis_keys import DEFAULT_PREFIX
+from training.redis_keys import DEFAULT_EVENT_LOG_MAX, DEFAULT_MAX_SEEN, DEFAULT_PREFIX
 
 MIN_ADMIN_TOKEN_LENGTH = 16
 
@@ -56,6 +58,10 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(default=None, description="bearer token for /v1/admin/*; unset disables it")
     max_k: int = Field(default=1000, ge=1, le=100_000)
     max_history: int = Field(default=200, ge=1, le=100_000)
+    max_seen: int = Field(default=DEFAULT_MAX_SEEN, ge=1, le=1_000_000, description="seen items kept per user")
+    event_log_max: int = Field(
+        default=DEFAULT_EVENT_LOG_MAX, ge=1000, description="events the log keeps unexported before the oldest go"
+    )
     max_exclude: int = Field(default=1000, ge=0, le=1_000_000)
     max_batch: int = Field(default=64, ge=1, le=10_000)
     max_events: int = Field(default=1000, ge=1, le=1_000_000)

@@ -1,14 +1,25 @@
 """Online state in Redis: users' features, recent histories and seen items, read per request and written per
-event, through ONE redis-py asyncio client whether Redis is external (`TWOTOWER_REDIS_URL`) or the embedded
-server (`service.redis_server`) the store starts, owns and stops. Key names are `training.redis_keys.RedisKeys`.
+event, and the event log (a Redis Stream) every accepted event is appended to, through ONE redis-py asyncio
+client whether Redis is external (`TWOTOWER_REDIS_URL`) or the embedded server (`service.redis_server`) the store
+starts, owns and stops. Key names are `training.redis_keys.RedisKeys`.
 
 Used by the service (reads per request, writes per event) and by `twotower load-features` (bulk writes).
 
+What one user costs per request is bounded: the history is capped to `max_history` items, the seen items to the
+latest `max_seen` (older ones may be recommended again), so no user's stored state can grow what a request reads.
+
+Events are written by ONE server-side script per call (`_RECORD_EVENTS_LUA`): the histories, the seen items, the
+event log and the users-changed notice, all or nothing. The call carries a deadline on Redis's clock; a script that
+starts after it writes nothing and fails, so a call the client gave up on (answered 503) is never applied later,
+e.g. by a Redis that was frozen and resumes. A call id makes a redelivered call (redis-py reconnects and resends
+after a dropped connection) a no-op. Timeouts are not retried: a frozen Redis costs a request one timeout.
+
 Health: every call updates `health` (ok / degraded with the error). A failed call raises
-`StoreUnavailableError` and nothing it wrote is acknowledged. After a failure, calls fail fast for a second
-rather than each waiting out a timeout; then the next call (or any `ping`, as /readyz does) tries Redis again,
-and the first that succeeds marks the store ok: it recovers by itself when Redis comes back (the client
-reconnects on demand).
+`StoreUnavailableError` and nothing it wrote is acknowledged. After a failure, calls fail fast (no Redis call)
+for a backoff that doubles with each failure in a row; a monitor task pings Redis in the background (every
+second while ok, sooner while degraded) and its first success ends the outage, so the store recovers by itself
+when Redis comes back, /readyz answers from `health` without waiting on Redis, and a Redis that freezes while no
+request touches it is noticed within a second.
 
 Reads go through a per-process `UserCache` when one is configured (`cache_seconds > 0`, the service's default):
 `start()` then also follows the users-changed channel, and the cache serves only while that subscription is up.
@@ -25,6 +36,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,35 +49,105 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from service.errors import StoreUnavailableError
 from service.redis_server import EmbeddedRedis
 from service.user_cache import UserCache
-from training.redis_keys import DEFAULT_PREFIX, RedisKeys
+from training.redis_keys import DEFAULT_EVENT_LOG_MAX, DEFAULT_MAX_SEEN, DEFAULT_PREFIX, RedisKeys
 
 log = logging.getLogger(__name__)
 
 NOT_STARTED = "not started"
-# After a failed call, further calls fail fast for this long (probes excepted) rather than each waiting out the
-# connect timeout; the first call after it tries Redis again.
-OUTAGE_BACKOFF_SECONDS = 1.0
+# After a failed call, further calls fail fast (no Redis call) for this long, doubled with each failure in a row up
+# to OUTAGE_BACKOFF_MAX_SECONDS, rather than each waiting out a timeout; the monitor's first good ping ends it.
+OUTAGE_BACKOFF_SECONDS = 0.25
+OUTAGE_BACKOFF_MAX_SECONDS = 4.0
+# Background pings: while ok (a Redis that freezes with no traffic is noticed), and while degraded (recovery).
+MONITOR_OK_SECONDS = 1.0
+MONITOR_DEGRADED_SECONDS = 0.2
 # Pause before re-subscribing to users-changed after the subscription failed (the cache is bypassed meanwhile).
 RESUBSCRIBE_SECONDS = 1.0
+# An event call must start on Redis within this share of the timeout; the rest is the reply's way back.
+DEADLINE_SHARE = 0.8
+# How long an applied call id is remembered (redelivery after a reconnect happens within a timeout).
+CALL_ID_SECONDS = 60
 
-
-# KEYS: features, history and seen key of each user in turn; ARGV[1]: history length. Scripts speak RESP2 to
-# Redis, so HGETALL comes back as a flat [field, value, ...] array.
+# KEYS: features, history and seen key of each user in turn; ARGV[1]: history length, ARGV[2]: seen items.
+# Scripts speak RESP2 to Redis, so HGETALL comes back as a flat [field, value, ...] array. A seen key that is
+# still the plain set of earlier versions is read as a sample of its size (converted at the user's next event).
 _GET_USERS_LUA = """
 local out = {}
 local last = tonumber(ARGV[1]) - 1
+local seen_max = tonumber(ARGV[2])
 for i = 1, #KEYS, 3 do
   out[#out + 1] = redis.call('HGETALL', KEYS[i])
   out[#out + 1] = redis.call('LRANGE', KEYS[i + 1], 0, last)
-  out[#out + 1] = redis.call('SMEMBERS', KEYS[i + 2])
+  local seen = redis.pcall('ZREVRANGE', KEYS[i + 2], 0, seen_max - 1)
+  if seen['err'] then seen = redis.call('SRANDMEMBER', KEYS[i + 2], seen_max) end
+  out[#out + 1] = seen
 end
 return out
 """
+
+# KEYS[1]: the event log, KEYS[2]: this call's id key, then history and seen key of each user in turn.
+# ARGV: deadline (ms, Redis clock), max_history, max_seen, event log bound, users-changed channel, the users
+# (JSON list, KEYS order), then (user's 1-based position, item id, timestamp or "") per event, oldest first.
+# Every check comes before the first write: a script that fails midway would keep what it had written.
+_RECORD_EVENTS_LUA = (
+    """
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if now_ms > tonumber(ARGV[1]) then
+  return redis.error_reply('DEADLINE the call reached Redis after its deadline; nothing was written')
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return -1
+end
+local function kind(key) return redis.call('TYPE', key)['ok'] end
+local expected = {list = true, zset = true, set = true, none = true}
+for i = 3, #KEYS do
+  if not expected[kind(KEYS[i])] then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. kind(KEYS[i]) .. '; nothing was written')
+  end
+end
+local log_kind = kind(KEYS[1])
+if log_kind ~= 'stream' and log_kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. log_kind .. '; nothing was written')
+end
+for i = 4, #KEYS, 2 do
+  if kind(KEYS[i]) == 'set' then
+    local members = redis.call('SMEMBERS', KEYS[i])
+    redis.call('DEL', KEYS[i])
+    for j = 1, #members do redis.call('ZADD', KEYS[i], 0, members[j]) end
+  end
+end
+local users = cjson.decode(ARGV[6])
+local max_history, max_seen = tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = 0
+for j = 7, #ARGV, 3 do
+  local u = tonumber(ARGV[j])
+  local history, seen = KEYS[1 + 2 * u], KEYS[2 + 2 * u]
+  local item, stamp = ARGV[j + 1], ARGV[j + 2]
+  if stamp == '' then stamp = string.format('%.3f', now_ms / 1000) end
+  redis.call('LREM', history, 0, item)
+  redis.call('LPUSH', history, item)
+  redis.call('ZADD', seen, string.format('%.0f', now_ms * 1000 + n), item)
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'user_id', users[u], 'item_id', item, 'timestamp', stamp)
+  n = n + 1
+end
+for u = 1, #users do
+  redis.call('LTRIM', KEYS[1 + 2 * u], 0, max_history - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[2 + 2 * u], 0, -(max_seen + 1))
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+redis.call('SET', KEYS[2], '1', 'EX', """
+    + str(CALL_ID_SECONDS)
+    + """)
+return n
+"""
+)
 
 # --------------------------------------------------------------------------- the store
 
@@ -133,25 +215,34 @@ class FeatureStore:
         data_dir: Path,
         prefix: str = DEFAULT_PREFIX,
         max_history: int = 200,
+        max_seen: int = DEFAULT_MAX_SEEN,
+        event_log_max: int = DEFAULT_EVENT_LOG_MAX,
         timeout: float = 0.5,
         on_error: Callable[[str], None] | None = None,
         cache_seconds: float = 0.0,
         cache_size: int = 10_000,
     ) -> None:
-        if max_history < 1:
-            raise ValueError(f"max_history must be >= 1, got {max_history}")
+        if max_history < 1 or max_seen < 1 or event_log_max < 1:
+            raise ValueError(
+                f"max_history, max_seen, event_log_max must be >= 1: {max_history}, {max_seen}, {event_log_max}"
+            )
         self.url = url
         self.keys = RedisKeys(prefix)
         self.max_history = max_history
+        self.max_seen = max_seen
+        self.event_log_max = event_log_max
         self.timeout = timeout
         self.embedded = EmbeddedRedis(Path(data_dir) / "redis") if url is None else None
         self._on_error = on_error
         self._client: aioredis.Redis | None = None
         self._get_users_script: AsyncScript | None = None
+        self._record_events_script: AsyncScript | None = None
         self._health = StoreHealth("degraded", self.backend, NOT_STARTED)
         self._retry_at = 0.0
+        self._failures = 0  # calls failed in a row
+        self._clock_offset = 0.0  # Redis's clock minus ours (seconds), measured by each ping
         self.cache: UserCache[StoredUser] = UserCache(cache_seconds, cache_size)
-        self._follower: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle and health
 
@@ -183,22 +274,24 @@ class FeatureStore:
             decode_responses=True,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
-            # One quick retry covers a pooled connection that died with a Redis restart; more would only make
-            # every request wait while Redis is really down.
-            retry=Retry(ConstantBackoff(0.01), 1),
+            # One quick retry on a dropped connection covers a pooled connection that died with a Redis restart.
+            # None on a timeout: a frozen Redis would make every request wait twice.
+            retry=Retry(ConstantBackoff(0.01), 1, supported_errors=(RedisConnectionError,)),
         )
         await self.ping()
+        self._tasks.append(asyncio.create_task(self._monitor(), name="twotower-store-monitor"))
         if self.cache.enabled:
-            self._follower = asyncio.create_task(self._follow_changes(), name="twotower-users-changed")
+            self._tasks.append(asyncio.create_task(self._follow_changes(), name="twotower-users-changed"))
 
     async def close(self) -> None:
-        follower, self._follower = self._follower, None
-        if follower is not None:
-            follower.cancel()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await follower
+                await task
         client, self._client = self._client, None
-        self._get_users_script = None
+        self._get_users_script = self._record_events_script = None
         if client is not None:
             await client.aclose()
         if self.embedded is not None:
@@ -211,8 +304,9 @@ class FeatureStore:
     async def _call(self, operation: str, *, probe: bool = False) -> AsyncIterator[None]:
         """Run one Redis operation: record health, count failures, raise StoreUnavailableError on failure.
 
-        After a failure, calls fail fast for `OUTAGE_BACKOFF_SECONDS` instead of each waiting out a connect
-        timeout against a Redis that is gone; a `probe` (ping, as /readyz does) always tries for real."""
+        After a failure, calls fail fast for a backoff (doubling with each failure in a row) instead of each
+        waiting out a timeout against a Redis that is gone or frozen; a `probe` (the monitor's ping) always tries
+        for real, and its success ends the backoff."""
         if not probe and self._health.status == "degraded" and time.monotonic() < self._retry_at:
             if self._on_error is not None:
                 self._on_error(operation)
@@ -223,22 +317,34 @@ class FeatureStore:
             if self._health.status == "ok":
                 log.warning("Redis unreachable during %s: %s", operation, e)
             self._health = StoreHealth("degraded", self.backend, f"{type(e).__name__}: {e}")
-            self._retry_at = time.monotonic() + OUTAGE_BACKOFF_SECONDS
+            backoff = min(OUTAGE_BACKOFF_SECONDS * 2**self._failures, OUTAGE_BACKOFF_MAX_SECONDS)
+            self._failures += 1
+            self._retry_at = time.monotonic() + backoff
             if self._on_error is not None:
                 self._on_error(operation)
             raise StoreUnavailableError(f"Redis is unreachable ({operation} failed: {e})") from e
         if self._health.status != "ok" and self._health.error != NOT_STARTED:
             log.info("Redis reachable again")
         self._health = StoreHealth("ok", self.backend)
+        self._failures, self._retry_at = 0, 0.0
 
     async def ping(self) -> bool:
-        """Check Redis now; updates `health`. Never raises."""
+        """Check Redis now (and measure its clock against ours, for event deadlines); updates `health`. Never
+        raises."""
         try:
             async with self._call("ping", probe=True):
-                await self.client.ping()
+                sent = time.time()
+                seconds, micros = await self.client.time()
+                received = time.time()
         except StoreUnavailableError:
             return False
+        self._clock_offset = seconds + micros / 1e6 - (sent + received) / 2
         return True
+
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_OK_SECONDS if self._health.status == "ok" else MONITOR_DEGRADED_SECONDS)
+            await self.ping()
 
     # ---- reads
 
@@ -265,7 +371,7 @@ class FeatureStore:
         async with self._call("get_users"):
             if self._get_users_script is None:
                 self._get_users_script = self.client.register_script(_GET_USERS_LUA)
-            replies = await self._get_users_script(keys=keys, args=[self.max_history])
+            replies = await self._get_users_script(keys=keys, args=[self.max_history, self.max_seen])
         out: dict[str, StoredUser] = {}
         for i, user_id in enumerate(unique):
             flat, history, seen = replies[3 * i : 3 * i + 3]  # HGETALL as [field, value, ...] inside a script
@@ -276,29 +382,42 @@ class FeatureStore:
 
     # ---- writes
 
-    async def record_events(self, events: Sequence[tuple[str, str]]) -> int:
-        """Append (user_id, item_id) interactions, oldest first, to the users' histories in ONE transaction.
+    async def record_events(self, events: Sequence[tuple[str, str] | tuple[str, str, float | None]]) -> int:
+        """Apply (user_id, item_id[, timestamp]) interactions, oldest first, and append them to the event log, in
+        ONE script (see the module docstring): all or nothing.
 
         Each item moves to the front of its user's history (an item is kept once, at its latest position), every
-        touched history is trimmed to `max_history`, and the item joins the user's uncapped seen set. Returns the
-        number written; raises
-        StoreUnavailableError (and nothing is written) if Redis fails."""
+        touched history is trimmed to `max_history`, the item joins the user's seen items (the latest `max_seen`
+        kept), and the event goes to the log with its timestamp (Redis's clock when none). Returns the number
+        written; raises StoreUnavailableError, and nothing is written, if Redis fails or the call reaches it after
+        its deadline."""
         if not events:
             return 0
-        users = list(dict.fromkeys(u for u, _ in events))
+        users = list(dict.fromkeys(e[0] for e in events))
+        position = {user_id: i + 1 for i, user_id in enumerate(users)}
+        keys = [self.keys.events, self.keys.call(uuid.uuid4().hex)]
+        for user_id in users:
+            keys += [self.keys.user_history(user_id), self.keys.user_seen(user_id)]
+        # The deadline is on Redis's clock (our clock plus the offset the last ping measured).
+        deadline = time.time() + self._clock_offset + DEADLINE_SHARE * self.timeout
+        args: list[str | int] = [
+            int(deadline * 1000),
+            self.max_history,
+            self.max_seen,
+            self.event_log_max,
+            self.keys.users_changed,
+            json.dumps(users),
+        ]
+        for event in events:
+            stamp = event[2] if len(event) > 2 else None
+            args += [position[event[0]], event[1], "" if stamp is None else repr(float(stamp))]
         try:
             async with self._call("record_events"):
-                pipe = self.client.pipeline(transaction=True)  # MULTI/EXEC: all events or none
-                for user_id, item_id in events:
-                    key = self.keys.user_history(user_id)
-                    pipe.lrem(key, 0, item_id)
-                    pipe.lpush(key, item_id)
-                    pipe.sadd(self.keys.user_seen(user_id), item_id)
-                for user_id in users:
-                    pipe.ltrim(self.keys.user_history(user_id), 0, self.max_history - 1)
-                pipe.publish(self.keys.users_changed, json.dumps(users))  # delivered at EXEC, with the writes
-                await pipe.execute()
-        finally:  # even when the outcome is unknown (a reply lost after EXEC), the cached copies may be stale
+                if self._record_events_script is None:
+                    self._record_events_script = self.client.register_script(_RECORD_EVENTS_LUA)
+                # A late call is refused by the script (a ResponseError): an outage like a timeout, nothing written.
+                await self._record_events_script(keys=keys, args=args)
+        finally:  # even when the outcome is unknown (a reply lost), the cached copies may be stale
             self.cache.invalidate(users)
         return len(events)
 
@@ -311,7 +430,7 @@ class FeatureStore:
     ) -> int:
         """Bulk-write a users table (user_id index, raw feature columns, `history` = item ids newest first),
         replacing what each user had, pipelined `chunk` users per round trip: the history capped to `max_history`,
-        every item in the seen set. Returns the users written."""
+        the latest `max_seen` items as seen. Returns the users written."""
         feature_columns = [c for c in users.columns if c != "history"]
         histories: Iterable[Any] = users["history"] if "history" in users.columns else [None] * len(users)
         rows = zip(users.index, users[feature_columns].itertuples(index=False, name=None), histories, strict=True)
@@ -332,7 +451,9 @@ class FeatureStore:
                         pipe.hset(self.keys.user_features(user_id), mapping=mapping)
                     if history:
                         pipe.rpush(self.keys.user_history(user_id), *history[: self.max_history])
-                        pipe.sadd(self.keys.user_seen(user_id), *history)
+                        # scores count down from the newest (an item's first place wins), so trims keep the latest
+                        recent = list(enumerate(history[: self.max_seen]))
+                        pipe.zadd(self.keys.user_seen(user_id), {item: -i for i, item in reversed(recent)})
                 pipe.publish(self.keys.users_changed, json.dumps(users))  # after this chunk's writes, same connection
                 await pipe.execute()
             self.cache.invalidate(users)

@@ -7,16 +7,22 @@ Two ways to learn of a new index, so that neither is a single point of failure:
   or a job run without Redis).
 
 Loads run in a worker thread (they read files and run the towers), one at a time. A load that fails is logged,
-counted in `twotower_swaps_total{result="failed"}`, and remembered, so the poller does not retry the same broken
-version every tick; the previous pair keeps serving. A pin (admin) holds a version until the next admin reload.
+counted in `twotower_swaps_total{result="failed"}`, and remembered with a fingerprint of its files (names, sizes,
+modification times of the index's and its model's), so the poller does not retry the same broken version every
+tick, but does as soon as those files change (repaired, or written at last), and at the latest after
+`RETRY_REFUSED_SECONDS`; the previous pair keeps serving meanwhile. A pin (admin) holds a version until the next
+admin reload.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -25,11 +31,13 @@ from service.metrics import Metrics
 from service.pair import ServingPair
 from service.retriever import Retriever
 from service.store import FeatureStore
-from training.artifacts import ArtifactError, check_version
+from training.artifacts import MANIFEST, ArtifactError, check_version
 
 log = logging.getLogger(__name__)
 
 PUBSUB_RECONNECT_SECONDS = 1.0
+# A refused version whose files have not changed is tried again after this long anyway.
+RETRY_REFUSED_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class IndexWatcher:
         self.poll_seconds = poll_seconds
         self.pinned: str | None = None
         self.last_error: str | None = None
-        self._failed_version: str | None = None
+        self._failed: tuple[str, tuple[Any, ...], float] | None = None  # (version, fingerprint, when)
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -90,7 +98,7 @@ class IndexWatcher:
                 )
             if current is not None and current.index_version == target and not force:
                 return self._result(current, changed=False)
-            if target == self._failed_version and not force:
+            if self._still_refused(target) and not force:
                 raise LoadRefusedError(f"index {target} was refused before: {self.last_error}")
             try:
                 pair = await anyio.to_thread.run_sync(self.retriever.load, target)
@@ -98,13 +106,13 @@ class IndexWatcher:
                 if not isinstance(e, ArtifactError | OSError | ValueError):
                     log.exception("unexpected error loading index %s", target)
                 self.metrics.swaps.labels("failed").inc()
-                self._failed_version, self.last_error = target, str(e)
+                self._failed, self.last_error = (target, self._fingerprint(target), time.monotonic()), str(e)
                 serving = f"still serving index {current.index_version}" if current else "nothing is serving yet"
                 log.error("refused index %s (%s): %s; %s", target, reason, e, serving)
                 raise LoadRefusedError(f"index {target} refused: {e}; {serving}") from e
             self.metrics.swaps.labels("ok").inc()
             self.metrics.set_active(pair.model_version, pair.index_version, len(pair.index))
-            self._failed_version, self.last_error = None, None
+            self._failed, self.last_error = None, None
             changed = current is None or current.index_version != pair.index_version
             log.info("swapped to index %s / model %s (%s)", pair.index_version, pair.model_version, reason)
             return self._result(pair, changed=changed)
@@ -124,6 +132,29 @@ class IndexWatcher:
         self.pinned = index_version
         return SwapResult(result.model_version, result.index_version, result.changed, self.pinned)
 
+    def _fingerprint(self, version: str) -> tuple[Any, ...]:
+        """(name, size, mtime) of every file of the index and of the model its manifest names; a repair or a late
+        write changes it."""
+        store = self.retriever.artifacts
+        directories = [store.index_dir(version)]
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            manifest = json.loads((directories[0] / MANIFEST).read_text())
+            directories.append(store.model_dir(check_version(str(manifest["model_version"]))))
+        stats = []
+        for directory in directories:
+            with contextlib.suppress(OSError):
+                for path in sorted(directory.iterdir()):
+                    info = path.stat()
+                    stats.append((str(path), info.st_size, info.st_mtime_ns))
+        return tuple(stats)
+
+    def _still_refused(self, version: str) -> bool:
+        """Whether `version` was refused and nothing about it changed since (nor has the retry time come)."""
+        if self._failed is None or self._failed[0] != version:
+            return False
+        _, fingerprint, when = self._failed
+        return time.monotonic() - when < RETRY_REFUSED_SECONDS and self._fingerprint(version) == fingerprint
+
     def _result(self, pair: ServingPair, *, changed: bool) -> SwapResult:
         return SwapResult(pair.model_version, pair.index_version, changed, self.pinned)
 
@@ -133,7 +164,7 @@ class IndexWatcher:
             if version and version != self.pinned:
                 log.info("index %s announced (%s) but %s is pinned; ignoring", version, reason, self.pinned)
             return
-        if version is None or version == self._failed_version:
+        if version is None or self._still_refused(version):
             return
         current = self.retriever.current
         if current is not None and current.index_version == version:

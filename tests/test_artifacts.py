@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from training.artifacts import (
     MANIFEST,
@@ -20,11 +23,13 @@ from training.artifacts import (
     load_vocabularies,
     new_version,
     publishing,
+    save_model,
     sha256_file,
+    write_manifest,
 )
 from training.dataset import Dataset
 from training.features import encode_item_frame
-from training.model import embed_items
+from training.model import TwoTower, embed_items
 
 
 def test_loaded_model_reproduces_the_saved_item_embeddings(trained_model: LoadedModel, tiny_dataset: Dataset) -> None:
@@ -130,3 +135,46 @@ def test_the_active_pointer_moves_only_to_an_existing_index_and_names_its_model(
     with pytest.raises(ArtifactError, match="does not exist"):
         store.set_active_index("idx-missing")
     assert store.active_index() is None
+
+
+def _saved_with_weights(trained: LoadedModel, root: Path, poison: Callable[[TwoTower], None]) -> Path:
+    """The trained model, changed by `poison`, saved as a complete artifact (its manifest checksums what it holds)."""
+    model = deepcopy(trained.model)
+    with torch.no_grad():
+        poison(model)
+    catalog = trained.catalog()
+    return save_model(
+        ArtifactStore(root),
+        model,
+        catalog=catalog,
+        users=trained.users(),
+        item_embeddings=embed_items(model, encode_item_frame(model.spec, model.vocabs, catalog)),
+        training=trained.manifest["training"],
+        metrics={},
+    )
+
+
+@pytest.mark.parametrize(("tower", "value"), [("user_tower", float("nan")), ("item_tower", float("inf"))])
+def test_non_finite_weights_in_either_tower_are_refused_naming_the_file(
+    trained_model: LoadedModel, tmp_path: Path, tower: str, value: float
+) -> None:
+    def poison(model: TwoTower) -> None:
+        next(getattr(model, tower).parameters()).view(-1)[0] = value
+
+    directory = _saved_with_weights(trained_model, tmp_path, poison)
+    with pytest.raises(ArtifactError, match=rf"{tower}\.safetensors holds non-finite values"):
+        load_model(directory)
+
+
+def test_a_safetensors_file_with_a_damaged_header_is_refused_naming_the_file(
+    trained_model: LoadedModel, tmp_path: Path
+) -> None:
+    directory = _copy(trained_model, tmp_path)
+    data = bytearray((directory / "item_tower.safetensors").read_bytes())
+    data[8:16] = b"\x00garbage"  # inside the JSON header
+    (directory / "item_tower.safetensors").write_bytes(bytes(data))
+    manifest = json.loads((directory / MANIFEST).read_text())
+    # checksums agree: only the header is bad
+    write_manifest(directory, {k: v for k, v in manifest.items() if k != "files"})
+    with pytest.raises(ArtifactError, match=r"item_tower\.safetensors is not a readable safetensors file"):
+        load_model(directory)

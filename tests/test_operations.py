@@ -5,6 +5,8 @@ Redis server."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -117,6 +119,44 @@ def test_redis_outage_degrades_recommendations_refuses_events_then_recovers(
         assert "i1" not in {i["item_id"] for i in back.json()["items"]}  # the event written before the outage
         assert post("/v1/events", {"user_id": user_id, "item_id": "i2"}).status_code == 200
     assert 500 not in statuses
+
+
+def test_a_frozen_redis_degrades_answers_without_stalling_probes_and_a_refused_event_stays_unwritten(
+    trained_model: LoadedModel, tmp_path: Path, start_redis: Callable[..., EmbeddedRedis]
+) -> None:
+    serving_root(trained_model, tmp_path)
+    user_id = str(trained_model.users().index[0])
+    server = start_redis(tmp_path / "redis")
+    assert server.pid is not None
+    load_users(trained_model.users(), server.url, "frz:", tmp_path / "data")
+    keys = RedisKeys("frz:")
+    with TestClient(create_app(make_settings(tmp_path, server.url, "frz:", redis_timeout=0.2))) as client:
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            refused = client.post("/v1/events", json={"user_id": user_id, "item_id": "frozen-item"})
+            assert refused.status_code == 503
+            started = time.monotonic()
+            ready = client.get("/readyz")
+            assert time.monotonic() - started < 0.1  # answers from the store's health, never waits on Redis
+            assert ready.json()["store"]["status"] == "degraded"
+            down = client.post("/v1/recommendations", json={"user_id": user_id, "k": 5})
+            assert down.status_code == 200 and down.json()["degraded"] is True
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        wait_until(lambda: client.get("/readyz").json()["store"]["status"] == "ok")
+        assert client.post("/v1/events", json={"user_id": user_id, "item_id": "after"}).status_code == 200
+
+    async def logged() -> tuple[list[str], list[str]]:
+        redis = aioredis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            history = await redis.lrange(keys.user_history(user_id), 0, -1)
+            return history, [fields["item_id"] for _, fields in await redis.xrange(keys.events)]
+        finally:
+            await redis.aclose()
+
+    history, log = asyncio.run(logged())
+    assert "frozen-item" not in history and history[0] == "after"
+    assert log == ["after"]  # what was answered 503 was not applied when Redis resumed
 
 
 def test_hot_swap_under_concurrent_requests_loses_none_and_never_mixes_versions(

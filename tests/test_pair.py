@@ -3,6 +3,7 @@ manifests, the model directory's own version, the item vectors against the item 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from service.pair import load_pair
 from tests.helpers import copy_model, derived_model, publish_index, serving_root
-from training.artifacts import ArtifactStore, LoadedModel, VersionMismatchError
+from training.artifacts import MANIFEST, ArtifactError, ArtifactStore, LoadedModel, VersionMismatchError, write_manifest
 
 
 def test_load_pairs_the_active_index_with_the_model_it_names(trained_model: LoadedModel, tmp_path: Path) -> None:
@@ -54,3 +55,17 @@ def test_a_pair_prepares_the_served_user_tower_and_the_cold_vector(trained_model
     torch_pair = load_pair(ArtifactStore(tmp_path), index_version, user_tower="torch")
     np.testing.assert_allclose(served, torch_pair.embed(list(users.index), features, histories), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pair.cold_vector, pair.embed([None], [{}], [[]])[0], rtol=1e-6)
+
+
+def test_an_index_with_non_finite_vectors_is_refused_naming_the_file(
+    trained_model: LoadedModel, tmp_path: Path
+) -> None:
+    index_version = serving_root(trained_model, tmp_path)[1]
+    directory = ArtifactStore(tmp_path).index_dir(index_version)
+    vectors = np.load(directory / "item_vectors.npy")
+    vectors[3, 0] = np.nan
+    np.save(directory / "item_vectors.npy", vectors)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    write_manifest(directory, {k: v for k, v in manifest.items() if k != "files"})  # written so: checksums agree
+    with pytest.raises(ArtifactError, match=r"item_vectors\.npy holds non-finite values"):
+        load_pair(ArtifactStore(tmp_path), index_version)

@@ -1,21 +1,26 @@
-"""The Redis store on real servers: histories, bulk loading, record revisions, the embedded default and outages."""
+"""The Redis store on real servers: histories, capped seen items, the event log, bulk loading, record revisions,
+the embedded default, and outages (a Redis gone, a Redis frozen)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import redis.asyncio as aioredis
 
 from service.errors import StoreUnavailableError
-from service.redis_server import _pid_alive, free_port
+from service.redis_server import EmbeddedRedis, _pid_alive, free_port
 from service.store import FeatureStore, StoredUser
 
 
-def test_histories_are_newest_first_unique_and_capped_while_seen_keeps_everything(
-    redis_url: str, tmp_path: Path
-) -> None:
+def test_histories_are_newest_first_unique_and_capped_while_seen_keeps_more(redis_url: str, tmp_path: Path) -> None:
     async def go() -> StoredUser:
         store = FeatureStore(redis_url, data_dir=tmp_path, prefix="cap:", max_history=3)
         await store.start()
@@ -123,3 +128,98 @@ def test_a_records_revision_changes_with_its_content_and_only_then(redis_url: st
 
     first, again, moved = asyncio.run(go())
     assert first == again and moved != first
+
+
+def test_seen_items_are_capped_to_the_latest_and_an_old_seen_set_is_converted(redis_url: str, tmp_path: Path) -> None:
+    async def go() -> tuple[StoredUser, StoredUser, StoredUser]:
+        store = FeatureStore(redis_url, data_dir=tmp_path, prefix="seen:", max_history=2, max_seen=3)
+        await store.start()
+        try:
+            await store.record_events([("u1", item) for item in "abcde"])
+            capped = (await store.get_users(["u1"]))["u1"]
+            # a plain set, as versions before the cap wrote it, read as a sample of the cap's size
+            await store.client.sadd(store.keys.user_seen("old"), *[f"o{i}" for i in range(10)])
+            legacy = (await store.get_users(["old"]))["old"]
+            await store.record_events([("old", "new")])
+            converted = (await store.get_users(["old"]))["old"]
+            return capped, legacy, converted
+        finally:
+            await store.close()
+
+    capped, legacy, converted = asyncio.run(go())
+    assert capped.seen == {"c", "d", "e"} and capped.history == ["e", "d"]
+    assert len(legacy.seen) == 3 and legacy.seen <= {f"o{i}" for i in range(10)}
+    assert "new" in converted.seen and len(converted.seen) == 3
+
+
+def test_every_accepted_event_is_in_the_log_with_its_timestamp(redis_url: str, tmp_path: Path) -> None:
+    async def go() -> list[dict[str, str]]:
+        store = FeatureStore(redis_url, data_dir=tmp_path, prefix="log:")
+        await store.start()
+        try:
+            await store.record_events([("u1", "a", 1700000000.5), ("u2", "b", None)])
+            await store.record_events([("u1", "c")])
+            return [fields for _, fields in await store.client.xrange(store.keys.events)]
+        finally:
+            await store.close()
+
+    before = time.time()
+    logged = asyncio.run(go())
+    assert [(e["user_id"], e["item_id"]) for e in logged] == [("u1", "a"), ("u2", "b"), ("u1", "c")]
+    assert float(logged[0]["timestamp"]) == 1700000000.5
+    assert all(abs(float(e["timestamp"]) - before) < 60 for e in logged[1:])  # none given: Redis's clock
+
+
+def test_a_redelivered_call_is_applied_once(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=7))  # both calls carry the same call id
+
+    async def go() -> int:
+        store = FeatureStore(redis_url, data_dir=tmp_path, prefix="again:")
+        await store.start()
+        try:
+            await store.record_events([("u1", "a")])
+            await store.record_events([("u1", "a")])
+            return int(await store.client.xlen(store.keys.events))
+        finally:
+            await store.close()
+
+    assert asyncio.run(go()) == 1
+
+
+def test_a_frozen_redis_costs_one_timeout_and_a_call_it_answered_late_writes_nothing(
+    tmp_path: Path, start_redis: Callable[..., EmbeddedRedis]
+) -> None:
+    server = start_redis()
+    assert server.pid is not None
+    timeout = 0.3
+
+    async def go() -> None:
+        store = FeatureStore(server.url, data_dir=tmp_path, prefix="frozen:", timeout=timeout)
+        await store.start()
+        reader = aioredis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            await store.record_events([("u1", "before")])
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailableError):
+                    await store.record_events([("u1", "late")])  # sent, then waited on: 503 to its caller
+                assert time.monotonic() - started < 2 * timeout  # one timeout, no retry
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailableError, match="not attempted"):
+                    await store.get_users(["u1"])
+                assert time.monotonic() - started < 0.05  # fails fast while the outage lasts
+                await asyncio.sleep(timeout)
+            finally:
+                os.kill(server.pid, signal.SIGCONT)  # Redis resumes and runs what was queued
+            deadline = time.monotonic() + 5
+            while store.health.status != "ok" and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert store.health.status == "ok"  # the monitor noticed without a request
+            assert await reader.lrange(store.keys.user_history("u1"), 0, -1) == ["before"]
+            assert [f["item_id"] for _, f in await reader.xrange(store.keys.events)] == ["before"]
+        finally:
+            await reader.aclose()
+            await store.close()
+
+    asyncio.run(go())

@@ -94,6 +94,27 @@ def test_a_refused_version_is_remembered_and_the_serving_pair_stays(
     run_watched(tmp_path, redis_url, "watch-bad:", 0.05, body)
 
 
+def test_a_refused_version_is_loaded_once_its_files_are_repaired(
+    trained_model: LoadedModel, tmp_path: Path, redis_url: str
+) -> None:
+    model_version = copy_model(trained_model, tmp_path)
+    publish_index(tmp_path, model_version)
+    store = ArtifactStore(tmp_path)
+
+    async def body(watcher: IndexWatcher) -> None:
+        broken = publish_index(tmp_path, model_version, activate=False)
+        ids_file = store.index_dir(broken) / "item_ids.json"
+        good_ids = ids_file.read_text()
+        ids_file.write_text("[]\n")
+        store.set_active_index(broken)
+        assert await eventually(lambda: watcher.last_error is not None)
+        ids_file.write_text(good_ids)  # repaired in place: same version, same pointer, no announcement
+        assert await eventually(lambda: getattr(watcher.retriever.current, "index_version", None) == broken)
+        assert watcher.last_error is None
+
+    run_watched(tmp_path, redis_url, "watch-fix:", 0.05, body)
+
+
 def test_a_pin_holds_until_reload(trained_model: LoadedModel, tmp_path: Path, redis_url: str) -> None:
     model_version = copy_model(trained_model, tmp_path)
     first = publish_index(tmp_path, model_version)

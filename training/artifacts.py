@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from training.features import FeatureSpec, Vocabularies
@@ -322,12 +323,21 @@ def load_model(directory: Path) -> LoadedModel:
     model = TwoTower(FeatureSpec.from_dict(manifest["feature_spec"]), vocabs, config)
     for name, module in ((USER_TOWER, model.user_tower), (ITEM_TOWER, model.item_tower)):
         try:
-            module.load_state_dict(load_file(directory / name), strict=True)
-        except (RuntimeError, OSError) as e:
+            weights = load_file(directory / name)
+        except (SafetensorError, OSError) as e:  # a damaged header, a truncated file
+            raise ArtifactError(f"{directory / name} is not a readable safetensors file: {e}") from e
+        try:
+            module.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
             raise ArtifactError(f"{directory / name} does not fit the manifest's towers: {e}") from e
+        bad = sorted(key for key, tensor in weights.items() if not bool(tensor.isfinite().all()))
+        if bad:
+            raise ArtifactError(f"{directory / name} holds non-finite values (NaN or infinite) in {bad}")
     model.eval()
     loaded = LoadedModel(str(manifest["version"]), directory, manifest, model)
     ids, vectors = loaded.item_embeddings()
+    if not np.isfinite(vectors).all():
+        raise ArtifactError(f"{directory / ITEM_EMBEDDINGS} holds non-finite values (NaN or infinite)")
     if vectors.shape != (len(ids), config.dim):
         raise ArtifactError(
             f"{directory / ITEM_EMBEDDINGS}: shape {vectors.shape} != ({len(ids)}, {config.dim}) from the manifest"

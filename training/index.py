@@ -388,6 +388,8 @@ def load_index(
         vectors = np.load(directory / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ArtifactError(f"index {version} in {directory} is unreadable: {e}") from e
+    if not all(np.isfinite(vectors[i : i + 65536]).all() for i in range(0, len(vectors), 65536)):
+        raise ArtifactError(f"{directory / VECTORS_FILE} holds non-finite values (NaN or infinite)")
     item_index = ItemIndex(
         index,
         item_ids,

@@ -6,7 +6,13 @@ spells a key.
 
     {prefix}user:{user_id}:features   hash    feature name -> JSON-encoded raw value
     {prefix}user:{user_id}:history    list    item ids, newest first, each at most once, capped: the tower's input
-    {prefix}user:{user_id}:seen       set     every item id the user had: what exclude_seen leaves out
+    {prefix}user:{user_id}:seen       zset    the user's latest item ids (capped; score: when last seen): what
+                                              exclude_seen leaves out
+    {prefix}events                    stream  every accepted event (user_id, item_id, timestamp), appended in the
+                                              script that acknowledges it; read and trimmed by `twotower
+                                              export-events`
+    {prefix}call:{call_id}            string  marks an event call as applied for a minute: a call redelivered
+                                              after a dropped connection is not applied twice
     {prefix}active_index              string  the published index version (set by the re-index job, for operators)
     {prefix}index_published           channel the re-index job PUBLISHes each new index version here
     {prefix}users_changed             channel every write of user keys PUBLISHes the JSON list of user ids it
@@ -18,6 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "twotower:"
+# Seen items kept per user, and events the log keeps, unless configured otherwise (service.settings).
+DEFAULT_MAX_SEEN = 2000
+DEFAULT_EVENT_LOG_MAX = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,13 @@ class RedisKeys:
 
     def user_seen(self, user_id: str) -> str:
         return f"{self.prefix}user:{user_id}:seen"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"
+
+    def call(self, call_id: str) -> str:
+        return f"{self.prefix}call:{call_id}"
 
     @property
     def active_index(self) -> str:
