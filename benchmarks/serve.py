@@ -19,7 +19,12 @@ One run:
    Per repetition and endpoint: 32 connections -> requests/s, p50, p99; 1 connection -> p50. Endpoints are
    interleaved within each repetition so drift in the machine's load hits both alike. Medians of
    `--repeats` repetitions; ratios recommend/bare are of those medians;
-4. writes `benchmarks/results/serve.json` (the issue's shape at the top level for the embedded-Redis run, the
+4. in the external-Redis run, the realistic mix beside the headline one (whose few known users ask again within
+   seconds, so nearly every known-user request is a cache hit): a population of `--population` users (copies of
+   the model's users under new ids, loaded into Redis), drawn Zipf-like by rank, a tenth of requests preceded by
+   an event of the same user (which invalidates that user's cached record, as in production). The same
+   measurement; the user cache's hit rate is reported beside each ratio;
+5. writes `benchmarks/results/serve.json` (the issue's shape at the top level for the embedded-Redis run, the
    external run under `redis.external`, and every items count ever run under `runs`) and prints a table.
 
 `--workers 1,2` adds a worker-scaling table (external Redis; uvicorn's multi-process mode). The load
@@ -36,6 +41,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -59,11 +65,18 @@ PLOT = Path(__file__).resolve().parent.parent / "docs" / "performance.png"
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "twotower-serve-bench"
 BARE_PATH = "/_bench/bare"
 RECOMMEND_PATH = "/v1/recommendations"
+EVENTS_PATH = "/v1/events"
 PREFIX = "bench:"
 K = 10
 # Body mix: known users (history and features from Redis), users sending their own history, cold users.
 MIX = {"known_user": 0.5, "request_history": 0.3, "cold": 0.2}
 N_BODIES = 2000
+# The realistic mix: a population of users asking with a heavy-tailed frequency (Zipf over their rank), a share
+# of requests preceded by an event of the same user (a write that invalidates that user's cached record).
+POPULATION = 100_000
+ZIPF_EXPONENT = 1.1
+EVENT_SHARE = 0.1
+REALISTIC_REQUESTS = 50_000
 
 
 # --------------------------------------------------------------------------- the benchmark's app (server side)
@@ -178,7 +191,7 @@ def load_users(root: Path, url: str | None, data_dir: Path) -> str:
     command += ["--data-dir", str(data_dir), *(["--redis-url", url] if url else [])]
     env = {**os.environ, "TWOTOWER_REDIS_PREFIX": PREFIX}
     env.pop("TWOTOWER_REDIS_URL", None)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=600)
     return done.stdout.strip()
 
 
@@ -186,8 +199,17 @@ def load_users(root: Path, url: str | None, data_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def server(root: Path, data_dir: Path, redis_url: str | None, workers: int = 1) -> Iterator[str]:
-    """ONE uvicorn process (or a supervisor + `workers` processes) serving `bench_app`; yields its base URL."""
+def server(
+    root: Path,
+    data_dir: Path,
+    redis_url: str | None,
+    workers: int = 1,
+    *,
+    app: str = "benchmarks.serve:bench_app",
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """ONE uvicorn process (or a supervisor + `workers` processes) serving the app factory `app` (`bench_app`
+    unless told), with `extra_env` over the benchmark's environment; yields its base URL once ready with Redis ok."""
     from service.redis_server import free_port
 
     port = free_port()
@@ -199,6 +221,7 @@ def server(root: Path, data_dir: Path, redis_url: str | None, workers: int = 1) 
         "TWOTOWER_POLL_SECONDS": "0",
         "OMP_WAIT_POLICY": "PASSIVE",
         "OPENBLAS_NUM_THREADS": "1",
+        **(extra_env or {}),
     }
     env.pop("TWOTOWER_REDIS_URL", None)
     if redis_url:
@@ -207,7 +230,7 @@ def server(root: Path, data_dir: Path, redis_url: str | None, workers: int = 1) 
         sys.executable,
         "-m",
         "uvicorn",
-        "benchmarks.serve:bench_app",
+        app,
         "--factory",
         "--host",
         "127.0.0.1",
@@ -273,12 +296,12 @@ def check_answers(base: str, bodies: Sequence[str]) -> dict[str, int]:
 # --------------------------------------------------------------------------- wrk
 
 LUA = """
-local bodies = {%(bodies)s}
+local listed = {%(requests)s}
 local requests = {}
 local n = 0
 init = function(args)
-  for i, body in ipairs(bodies) do
-    requests[i] = wrk.format("POST", "%(path)s", {["Content-Type"] = "application/json"}, body)
+  for i, entry in ipairs(listed) do
+    requests[i] = wrk.format("POST", entry[1], {["Content-Type"] = "application/json"}, entry[2])
   end
   n = math.random(#requests)
 end
@@ -297,12 +320,22 @@ end
 """
 
 
-def write_scripts(directory: Path, bodies: Sequence[str]) -> dict[str, Path]:
-    listed = ",\n".join(f"[==[{b}]==]" for b in bodies)
+def write_scripts(directory: Path, bodies: Sequence[str], events: Sequence[str | None] = ()) -> dict[str, Path]:
+    """wrk scripts cycling through `bodies`: `bare` posts each to the bare route, `recommend` to the real one,
+    preceded by `events[i]` (to /v1/events) where that is given; the bare script has a bare request in its
+    place, so both send as many requests."""
+    events = list(events) or [None] * len(bodies)
+    entries: dict[str, list[str]] = {"bare": [], "recommend": []}
+    for body, event in zip(bodies, events, strict=True):
+        if event is not None:
+            entries["bare"].append(f'{{"{BARE_PATH}", [==[{body}]==]}}')
+            entries["recommend"].append(f'{{"{EVENTS_PATH}", [==[{event}]==]}}')
+        entries["bare"].append(f'{{"{BARE_PATH}", [==[{body}]==]}}')
+        entries["recommend"].append(f'{{"{RECOMMEND_PATH}", [==[{body}]==]}}')
     scripts = {}
-    for name, path in (("bare", BARE_PATH), ("recommend", RECOMMEND_PATH)):
+    for name, listed in entries.items():
         scripts[name] = directory / f"{name}.lua"
-        scripts[name].write_text(LUA % {"bodies": listed, "path": path})
+        scripts[name].write_text(LUA % {"requests": ",\n".join(listed)})
     return scripts
 
 
@@ -333,7 +366,9 @@ def wrk(base: str, script: Path, connections: int, seconds: float) -> dict[str, 
 
 
 def measure(base: str, scripts: dict[str, Path], repeats: int, seconds: float, c1_seconds: float) -> dict[str, Any]:
-    """Interleaved repetitions of (bare c32, recommend c32, bare c1, recommend c1); medians and ratios."""
+    """Interleaved repetitions of (bare c32, recommend c32, bare c1, recommend c1); medians, ratios, and the user
+    cache's hit rate over the recommend runs (the bare route reads no user)."""
+    before = cache_lookups(base)
     for script in scripts.values():  # warm-up: connection pools, lazily built paths, page cache of the index
         wrk(base, script, 32, 2)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in scripts}
@@ -365,7 +400,69 @@ def measure(base: str, scripts: dict[str, Path], repeats: int, seconds: float, c
         "p99": rec["p99_ms"] / bare["p99_ms"],
     }
     out["loadavg_1m"] = [*loads, os.getloadavg()[0]]
+    after = cache_lookups(base)
+    lookups = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    out["user_cache_hit_rate"] = (
+        round(lookups.get("hit", 0) / sum(lookups.values()), 3) if any(lookups.values()) else None
+    )
     return out
+
+
+def cache_lookups(base: str) -> dict[str, float]:
+    """The service's user-cache lookups so far, by result (hit, miss, ...), from /metrics."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(r'^twotower_user_cache_lookups_total\{result="(\w+)"\} ([0-9.e+]+)$', text, re.M)
+    return {result: float(value) for result, value in found}
+
+
+# --------------------------------------------------------------------------- the realistic mix
+
+
+def population(root: Path, n: int, seed: int) -> Any:
+    """`n` users, each a copy under a new id (`pop-<i>`) of one of the model's users: features and history."""
+    import pandas as pd
+
+    from training.artifacts import ArtifactStore, load_model
+
+    store = ArtifactStore(root)
+    users = load_model(store.model_dir(store.model_versions()[-1])).users()
+    table = users.iloc[np.random.default_rng(seed).integers(len(users), size=n)].copy()
+    table.index = pd.Index([f"pop-{i}" for i in range(n)], name=users.index.name)
+    return table
+
+
+def load_population(url: str, table: Any, work: Path) -> int:
+    import asyncio
+
+    from service.store import FeatureStore
+
+    async def write() -> int:
+        store = FeatureStore(url, data_dir=work, prefix=PREFIX, timeout=30.0)
+        await store.start()
+        try:
+            return await store.load_users(table)
+        finally:
+            await store.close()
+
+    return asyncio.run(write())
+
+
+def realistic_requests(table: Any, n: int, seed: int) -> tuple[list[str], list[str | None]]:
+    """`n` known-user requests drawn Zipf-like from the population, each preceded by an event of that user on one
+    of their own history's items with probability EVENT_SHARE."""
+    rng = np.random.default_rng(seed + 1)
+    weights = 1.0 / np.arange(1, len(table) + 1) ** ZIPF_EXPONENT
+    picks = rng.choice(len(table), size=n, p=weights / weights.sum())
+    histories = table["history"].tolist()
+    bodies, events = [], []
+    for j in picks.tolist():
+        user = str(table.index[j])
+        bodies.append(json.dumps({"user_id": user, "k": K}, separators=(",", ":")))
+        history = histories[j]
+        item = str(history[int(rng.integers(len(history)))]) if len(history) else "i0"
+        events.append(json.dumps({"user_id": user, "item_id": item}) if rng.random() < EVENT_SHARE else None)
+    return bodies, events
 
 
 # --------------------------------------------------------------------------- one Redis mode
@@ -396,6 +493,19 @@ def run_mode(mode: str, root: Path, work: Path, scripts: dict[str, Path], bodies
         log(f"[{mode} Redis] checked 200 bodies on both endpoints; paths served: {paths}")
         result = measure(base, scripts, args.repeats, args.seconds, args.c1_seconds)
         result["paths_checked"] = paths
+        if mode == "external" and args.population:
+            assert url is not None
+            table = population(root, args.population, args.seed)
+            log(f"[{mode} Redis] realistic mix: {load_population(url, table, work):,} users loaded ...")
+            realistic_dir = work / "realistic"
+            realistic_dir.mkdir(exist_ok=True)
+            bodies, events = realistic_requests(table, REALISTIC_REQUESTS, args.seed)
+            realistic = measure(base, write_scripts(realistic_dir, bodies, events), args.repeats, args.seconds,
+                                args.c1_seconds)  # fmt: skip
+            realistic["mix"] = {"population": args.population, "zipf_exponent": ZIPF_EXPONENT,
+                                "event_share": EVENT_SHARE, "requests_listed": len(bodies),
+                                "distinct_users": len(set(bodies))}  # fmt: skip
+            result["realistic"] = realistic
         return result
 
 
@@ -461,8 +571,22 @@ def table(result: dict[str, Any]) -> str:
             )
         ratio = run["ratio"]
         lines.append(
-            f"| {mode} | **ratio** | **{ratio['rps']:.2f}** | | **{ratio['p99']:.2f}** | **{ratio['p50_c1']:.2f}** | |"
+            f"| {mode} | **ratio** | **{ratio['rps']:.2f}** | | **{ratio['p99']:.2f}** | **{ratio['p50_c1']:.2f}** | "
+            f"user cache hits {run.get('user_cache_hit_rate')} |"
         )
+        if "realistic" in run:
+            real = run["realistic"]
+            for name in ("bare", "recommend"):
+                r = real[name]
+                lines.append(
+                    f"| {mode}, realistic | {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                    f"{r['p50_c1_ms']:.3f} | |"
+                )
+            ratio = real["ratio"]
+            lines.append(
+                f"| {mode}, realistic | **ratio** | **{ratio['rps']:.2f}** | | **{ratio['p99']:.2f}** | "
+                f"**{ratio['p50_c1']:.2f}** | user cache hits {real['user_cache_hit_rate']} |"
+            )
     if result.get("workers"):
         lines += ["", "| workers | bare rps | recommend rps | ratio | load avg (1m) |", "|---:|---:|---:|---:|---:|"]
         for row in result["workers"]:
@@ -529,6 +653,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", default="", help="also measure these worker counts, e.g. 1,2 (noisy here)")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs of the benchmark's model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--population", type=int, default=POPULATION, help="users of the realistic mix (external Redis run); 0: skip"
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="artifacts cache (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT, help="PNG of all runs in --out (default: %(default)s)")

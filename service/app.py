@@ -124,9 +124,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Two-tower recommendations: user tower + FAISS inner-product index, Redis online state.",
         version="1",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.services = services
+    app.state.max_body_bytes = settings.max_body_bytes  # read by every StrictJSONRoute
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
 
     @app.exception_handler(ServiceError)

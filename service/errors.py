@@ -11,6 +11,7 @@ answers in the same shape, naming the field.
      ├── InvalidInputError          422  well-formed input the loaded model cannot take; names the field
      ├── NotFoundError              404
      │    ├── UnknownItemError      404  item id not in the active index
+     │    ├── UnknownVersionError   404  an admin pin names an index version that is not in the artifacts
      │    └── AdminDisabledError    404  admin API off: no TWOTOWER_ADMIN_TOKEN configured
      ├── UnauthorizedError          401  admin call without the right bearer token
      ├── LoadRefusedError           409  a model/index pair was refused; the previous pair keeps serving
@@ -63,6 +64,10 @@ class NotFoundError(ServiceError):
 
 class UnknownItemError(NotFoundError):
     """The item id is not in the active index."""
+
+
+class UnknownVersionError(NotFoundError):
+    """The index version is not in the artifacts."""
 
 
 class AdminDisabledError(NotFoundError):

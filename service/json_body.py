@@ -6,6 +6,9 @@ or the answer that carries it, as a 500.
 turns each such value into a `NotJSON` marker. No field of any schema accepts a marker, so pydantic refuses it
 with its usual 422 naming the field, wherever in the body it stands (a feature value, an id in a list, a key).
 `service.errors.validation_error_body` renders markers (and anything else echoed) safely.
+
+The same request class bounds the body's size (the app's `state.max_body_bytes`). FastAPI's own `max_body_size`
+would answer a declared oversize length in plain text, the one error that would not be JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -70,14 +73,35 @@ def strict_loads(body: bytes) -> Any:
 
 
 class StrictJSONRequest(Request):
+    async def body(self) -> bytes:
+        """The body, refused with a 413 (JSON, like every error) once it is larger than the app's
+        `state.max_body_bytes`: by its declared length before a byte is read, else while it streams in."""
+        if not hasattr(self, "_body"):
+            limit: int = self.app.state.max_body_bytes
+            declared = self.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise _too_large(limit)
+            chunks, size = [], 0
+            async for chunk in self.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+            self._body = b"".join(chunks)
+        return self._body
+
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             self._json = strict_loads(await self.body())
         return self._json
 
 
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(status_code=413, detail=f"request body larger than {limit} bytes (TWOTOWER_MAX_BODY_BYTES)")
+
+
 class StrictJSONRoute(APIRoute):
-    """An APIRoute whose request body is parsed by `strict_loads`."""
+    """An APIRoute whose request body is bounded in size and parsed by `strict_loads`."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -25,6 +25,7 @@ import pandas as pd
 from service.errors import InvalidInputError
 from training.artifacts import (
     INDEX_ITEMS,
+    MANIFEST,
     ArtifactError,
     ArtifactStore,
     LoadedModel,
@@ -158,7 +159,7 @@ def load_pair(
         )
     if model.dim != index.dim:
         raise VersionMismatchError(
-            f"index {index_version} has dim {index.dim} but model {model.version} embeds in dim {model.dim}"
+            f"{index_dir / MANIFEST} says dim {index.dim}, but model {model.version} embeds in dim {model.dim}"
         )
     items = _item_table(index_dir, model)
     _check_vectors_match_towers(model, index, items, index_version)

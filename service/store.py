@@ -69,6 +69,8 @@ MONITOR_OK_SECONDS = 1.0
 MONITOR_DEGRADED_SECONDS = 0.2
 # Pause before re-subscribing to users-changed after the subscription failed (the cache is bypassed meanwhile).
 RESUBSCRIBE_SECONDS = 1.0
+# How long `close` waits for its tasks before cancelling them again.
+CLOSE_RETRY_SECONDS = 0.5
 # An event call must start on Redis within this share of the timeout; the rest is the reply's way back.
 DEADLINE_SHARE = 0.8
 # How long an applied call id is remembered (redelivery after a reconnect happens within a timeout).
@@ -91,7 +93,8 @@ end
 return out
 """
 
-# KEYS[1]: the event log, KEYS[2]: this call's id key, then history and seen key of each user in turn.
+# KEYS[1]: the event log, KEYS[2]: its count of events ever appended, KEYS[3]: this call's id key, then history and
+# seen key of each user in turn.
 # ARGV: deadline (ms, Redis clock), max_history, max_seen, event log bound, users-changed channel, the users
 # (JSON list, KEYS order), then (user's 1-based position, item id, timestamp or "") per event, oldest first.
 # Every check comes before the first write: a script that fails midway would keep what it had written.
@@ -102,12 +105,12 @@ local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 if now_ms > tonumber(ARGV[1]) then
   return redis.error_reply('DEADLINE the call reached Redis after its deadline; nothing was written')
 end
-if redis.call('EXISTS', KEYS[2]) == 1 then
+if redis.call('EXISTS', KEYS[3]) == 1 then
   return -1
 end
 local function kind(key) return redis.call('TYPE', key)['ok'] end
 local expected = {list = true, zset = true, set = true, none = true}
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   if not expected[kind(KEYS[i])] then
     return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. kind(KEYS[i]) .. '; nothing was written')
   end
@@ -116,7 +119,7 @@ local log_kind = kind(KEYS[1])
 if log_kind ~= 'stream' and log_kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. log_kind .. '; nothing was written')
 end
-for i = 4, #KEYS, 2 do
+for i = 5, #KEYS, 2 do
   if kind(KEYS[i]) == 'set' then
     local members = redis.call('SMEMBERS', KEYS[i])
     redis.call('DEL', KEYS[i])
@@ -128,7 +131,7 @@ local max_history, max_seen = tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = 0
 for j = 7, #ARGV, 3 do
   local u = tonumber(ARGV[j])
-  local history, seen = KEYS[1 + 2 * u], KEYS[2 + 2 * u]
+  local history, seen = KEYS[2 + 2 * u], KEYS[3 + 2 * u]
   local item, stamp = ARGV[j + 1], ARGV[j + 2]
   if stamp == '' then stamp = string.format('%.3f', now_ms / 1000) end
   redis.call('LREM', history, 0, item)
@@ -138,11 +141,12 @@ for j = 7, #ARGV, 3 do
   n = n + 1
 end
 for u = 1, #users do
-  redis.call('LTRIM', KEYS[1 + 2 * u], 0, max_history - 1)
-  redis.call('ZREMRANGEBYRANK', KEYS[2 + 2 * u], 0, -(max_seen + 1))
+  redis.call('LTRIM', KEYS[2 + 2 * u], 0, max_history - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[3 + 2 * u], 0, -(max_seen + 1))
 end
+redis.call('INCRBY', KEYS[2], n)
 redis.call('PUBLISH', ARGV[5], ARGV[6])
-redis.call('SET', KEYS[2], '1', 'EX', """
+redis.call('SET', KEYS[3], '1', 'EX', """
     + str(CALL_ID_SECONDS)
     + """)
 return n
@@ -285,11 +289,16 @@ class FeatureStore:
 
     async def close(self) -> None:
         tasks, self._tasks = self._tasks, []
+        pending = set(tasks)
+        while pending:
+            # Cancelled again until done: on Python 3.11 a cancel that meets an expiring `asyncio.timeout` (as in
+            # redis-py's `get_message(timeout=...)`) can be lost, and the task would run on, holding close forever.
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=CLOSE_RETRY_SECONDS)
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
         client, self._client = self._client, None
         self._get_users_script = self._record_events_script = None
         if client is not None:
@@ -395,7 +404,7 @@ class FeatureStore:
             return 0
         users = list(dict.fromkeys(e[0] for e in events))
         position = {user_id: i + 1 for i, user_id in enumerate(users)}
-        keys = [self.keys.events, self.keys.call(uuid.uuid4().hex)]
+        keys = [self.keys.events, self.keys.events_added, self.keys.call(uuid.uuid4().hex)]
         for user_id in users:
             keys += [self.keys.user_history(user_id), self.keys.user_seen(user_id)]
         # The deadline is on Redis's clock (our clock plus the offset the last ping measured).

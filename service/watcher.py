@@ -26,7 +26,7 @@ from typing import Any
 
 import anyio
 
-from service.errors import LoadRefusedError, NotReadyError
+from service.errors import LoadRefusedError, NotReadyError, UnknownVersionError
 from service.metrics import Metrics
 from service.pair import ServingPair
 from service.retriever import Retriever
@@ -128,6 +128,8 @@ class IndexWatcher:
             check_version(index_version, "index version")
         except ArtifactError as e:
             raise LoadRefusedError(str(e)) from e
+        if not (self.retriever.artifacts.index_dir(index_version) / MANIFEST).is_file():
+            raise UnknownVersionError(f"no index {index_version} in {self.retriever.artifacts.root}")
         result = await self.swap_to(index_version, reason="admin pin", force=True)
         self.pinned = index_version
         return SwapResult(result.model_version, result.index_version, result.changed, self.pinned)

@@ -148,7 +148,7 @@ def test_wrong_model_version_is_refused_naming_both_versions(tmp_path: Path) -> 
 def test_wrong_dim_is_refused(tmp_path: Path) -> None:
     item_index, report = built_index("Flat")
     save_index(item_index, tmp_path / "idx", report)
-    with pytest.raises(ArtifactError, match=f"dim {DIM} != model dim 16"):
+    with pytest.raises(ArtifactError, match=f"says dim {DIM}, but the model.s dim is 16"):
         load_index(tmp_path / "idx", expected_dim=16)
 
 

@@ -223,3 +223,32 @@ def test_a_frozen_redis_costs_one_timeout_and_a_call_it_answered_late_writes_not
             await store.close()
 
     asyncio.run(go())
+
+
+def test_close_finishes_even_when_a_background_task_loses_a_cancel(redis_url: str, tmp_path: Path) -> None:
+    """Python 3.11 can lose a cancel that meets an expiring timeout (redis-py's pub/sub read waits under one); a
+    task that swallows the first cancel must not hold `close` (and the process: `load-features` hung on it)."""
+
+    async def go() -> float:
+        store = FeatureStore(redis_url, data_dir=tmp_path, prefix="close:")
+        await store.start()
+        cancels = 0
+
+        async def swallows_one_cancel() -> None:
+            nonlocal cancels
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    cancels += 1
+                    if cancels > 1:
+                        raise
+
+        store._tasks.append(asyncio.create_task(swallows_one_cancel()))
+        await asyncio.sleep(0)
+        started = time.perf_counter()
+        await asyncio.wait_for(store.close(), timeout=10)
+        assert cancels == 2
+        return time.perf_counter() - started
+
+    assert asyncio.run(go()) < 5

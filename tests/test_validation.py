@@ -118,6 +118,18 @@ def test_an_oversize_body_is_413(client: TestClient) -> None:
     body = {"history": [f"item-{i:06d}" for i in range(400)]}  # ~6 kB > max_body_bytes=4096
     response = client.post("/v1/recommendations", json=body)
     assert response.status_code == 413
+    assert "4096 bytes" in response.json()["detail"]  # JSON like every error, and it says the limit
+
+    def streamed() -> Iterator[bytes]:  # no content-length: the limit holds while the body streams in
+        yield b'{"history": ['
+        for i in range(400):
+            yield f'"item-{i:06d}",'.encode()
+        yield b'"x"]}'
+
+    chunked = client.post("/v1/recommendations", content=streamed(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413, chunked.text
+    assert "content-length" not in chunked.request.headers
+    assert "4096 bytes" in chunked.json()["detail"]
     ok = client.post("/v1/recommendations", json={"k": 2})
     assert ok.status_code == 200
 
@@ -146,7 +158,7 @@ def test_admin_reload_with_the_token_reloads_the_active_pair(client: TestClient)
     }
 
 
-@pytest.mark.parametrize(("version", "status"), [("../../etc", 422), (".hidden", 422), ("idx-does-not-exist", 409)])
+@pytest.mark.parametrize(("version", "status"), [("../../etc", 422), (".hidden", 422), ("idx-does-not-exist", 404)])
 def test_admin_pin_refuses_bad_or_missing_versions(client: TestClient, version: str, status: int) -> None:
     response = client.post(
         "/v1/admin/pin", json={"index_version": version}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -367,7 +367,7 @@ def load_index(
         raise ArtifactError(f"index {version} has metric {manifest.get('metric')!r}, not {METRIC!r}")
     dim = int(manifest["dim"])
     if expected_dim is not None and dim != expected_dim:
-        raise ArtifactError(f"index {version} dim {dim} != model dim {expected_dim}")
+        raise ArtifactError(f"{directory / artifacts.MANIFEST} says dim {dim}, but the model's dim is {expected_dim}")
     try:
         index = faiss.read_index(str(directory / INDEX_FILE))
     except RuntimeError as e:

@@ -11,6 +11,8 @@ spells a key.
     {prefix}events                    stream  every accepted event (user_id, item_id, timestamp), appended in the
                                               script that acknowledges it; read and trimmed by `twotower
                                               export-events`
+    {prefix}events:added              string  how many events were ever appended to the log (same script): the
+                                              export counts what the log's bound dropped unexported against it
     {prefix}call:{call_id}            string  marks an event call as applied for a minute: a call redelivered
                                               after a dropped connection is not applied twice
     {prefix}active_index              string  the published index version (set by the re-index job, for operators)
@@ -47,6 +49,10 @@ class RedisKeys:
     @property
     def events(self) -> str:
         return f"{self.prefix}events"
+
+    @property
+    def events_added(self) -> str:
+        return f"{self.prefix}events:added"
 
     def call(self, call_id: str) -> str:
         return f"{self.prefix}call:{call_id}"
