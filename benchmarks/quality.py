@@ -5,10 +5,12 @@
 For each dataset and split seed: one global uniform random 80/20 split of the interaction rows; popularity;
 implicit ALS with factors, regularization and alpha tuned on a validation slice carved from the 80%; EASE (Steck
 2019, λ tuned on that slice) at full rank and its rank-D truncation (D = the two-tower's embedding size); the
-two-tower's default recipe with each loss (`--losses`), and with `--variants` more recipes by their settings
-(e.g. `optimizer=dense`). Every inner-product model is scored by `training.evaluate.Protocol` through an exact
-FAISS index; full-rank EASE by its own scores (`Protocol.score_dense`); the user's training items excluded,
-P@10 / R@10 / NDCG@10 averaged over test users. Peers: `benchmarks/peers.py`.
+two-tower's default recipe with each loss (`--losses`), with `--variants` more recipes by their settings
+(e.g. `optimizer=dense`), and with `--tune-seconds S` the tuned two-tower (an Optuna search on the validation
+slice, as `twotower train --tune` runs it, then the final fit; its time includes the search). Every
+inner-product model is scored by `training.evaluate.Protocol` through an exact FAISS index; full-rank EASE by its
+own scores (`Protocol.score_dense`); the user's training items excluded, P@10 / R@10 / NDCG@10 averaged over test
+users. Peers: `benchmarks/peers.py`.
 
 Writes benchmarks/results/quality.json ({"protocol", "datasets": [{"dataset", "rows": [...]}]}) and prints one
 markdown table per dataset.
@@ -59,7 +61,27 @@ def two_tower(dataset: Dataset, train: Any, test: Any, config: TrainConfig) -> t
     return evaluate(result.model, dataset, train, test), details
 
 
-def run(dataset: Dataset, seeds: list[int], losses: list[str], variants: list[str], with_als: bool) -> dict[str, Any]:
+def tuned_two_tower(
+    dataset: Dataset, train: Any, test: Any, config: TrainConfig, seconds: float
+) -> tuple[RankingMetrics, dict[str, Any]]:
+    """What `twotower train --tune` does: an Optuna search on the validation slice of `train` (within `seconds`,
+    in a study of its own), then the final fit with the best settings, scored once on `test`."""
+    import optuna
+
+    from training.tune import search, summary, tuned_config
+
+    started = time.perf_counter()
+    study = search(dataset, train, config, trials=1000, seconds=seconds, storage=optuna.storages.InMemoryStorage(),
+                   name=f"{dataset.name}-seed{config.seed}")  # fmt: skip
+    found = summary(study, time.perf_counter() - started)
+    metrics, details = two_tower(dataset, train, test, tuned_config(config, study))
+    return metrics, {**details, "tuning": {k: found[k] for k in ("trials", "complete", "pruned", "seconds",
+                                                                 "best_value", "best_params")}}  # fmt: skip
+
+
+def run(
+    dataset: Dataset, seeds: list[int], losses: list[str], variants: list[str], with_als: bool, tune_seconds: float
+) -> dict[str, Any]:
     per_model: dict[str, list[dict[str, Any]]] = {}
 
     def record(name: str, seconds: float, metrics: RankingMetrics, **extra: Any) -> None:
@@ -78,6 +100,12 @@ def run(dataset: Dataset, seeds: list[int], losses: list[str], variants: list[st
             started = time.perf_counter()
             metrics, details = two_tower(dataset, train, test, config)
             record(name, time.perf_counter() - started, metrics, seed=seed, **details)
+        if tune_seconds > 0:
+            started = time.perf_counter()
+            config = with_overrides(TrainConfig(), {"seed": seed})
+            metrics, details = tuned_two_tower(dataset, train, test, config, tune_seconds)
+            # the time includes the search, as for the tuned peers
+            record("two-tower (softmax, tuned)", time.perf_counter() - started, metrics, seed=seed, **details)
         if with_als:
             started = time.perf_counter()
             metrics, params = implicit_als(train, test, seed, protocol)
@@ -130,6 +158,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="';'-separated two-tower recipes as settings, e.g. 'optimizer=dense;batch_size=131072,eval_every=10'",
     )
     parser.add_argument("--no-als", action="store_true", help="skip implicit ALS")
+    parser.add_argument(
+        "--tune-seconds", type=float, default=0.0, help="add `two-tower (softmax, tuned)`: an Optuna search of this "
+        "many seconds per dataset and seed on the validation slice (as `twotower train --tune`), 0: no such row",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -139,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     losses = [loss for loss in args.losses.split(",") if loss]
     variants = [v for v in args.variants.split(";") if v]
     datasets = [
-        run(load_dataset(path), seeds, losses, variants, not args.no_als) for path in args.data.split(",") if path
+        run(load_dataset(path), seeds, losses, variants, not args.no_als, args.tune_seconds)
+        for path in args.data.split(",")
+        if path
     ]
     result = {"protocol": PROTOCOL, "datasets": datasets, "torch_threads": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ TINY_CONFIG = TrainConfig(
     seed=3,
     temperature=1.0,
     refit="never",
-    tower=TowerConfig(dim=16, id_dim=16, hidden=(32,), use_user_id=False, normalize=False),
+    tower=TowerConfig(dim=16, id_dim=16, hidden=(32,), use_user_id=False, use_user_features=True, normalize=False),
 )
 
 # --------------------------------------------------------------------------- data files

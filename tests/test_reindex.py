@@ -153,7 +153,9 @@ COLD_CONFIG = TrainConfig(
     lr=3e-3,
     temperature=0.05,
     id_dropout=0.5,
-    tower=TowerConfig(dim=32, id_dim=32, hidden=(64,), normalize=True, use_user_id=True, combine="mlp"),
+    tower=TowerConfig(
+        dim=32, id_dim=32, hidden=(64,), normalize=True, use_user_id=True, use_user_features=True, combine="mlp"
+    ),
 )
 
 

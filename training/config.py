@@ -49,7 +49,7 @@ class TrainConfig:
         default=0,
         metadata={"help": "epochs between validation passes; 0: about every 500,000 examples, at least every epoch"},
     )
-    lr: float = field(default=1e-2, metadata={"help": "Adam learning rate"})
+    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate"})
     weight_decay: float = field(
         default=0.0,
         metadata={
@@ -123,6 +123,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tower": self.tower.to_dict()}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> TrainConfig:
+        """The recipe a model manifest's `training` record holds (`to_dict` plus facts of the run, ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"tower"}
+        return cls(**{k: v for k, v in record.items() if k in names}, tower=TowerConfig.from_dict(record["tower"]))
 
 
 @dataclass(frozen=True)

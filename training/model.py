@@ -37,9 +37,9 @@ class TowerConfig:
     # history).
     normalize: bool = field(default=False, metadata={"help": "L2-normalise tower outputs (score = cosine)"})
     use_user_id: bool = field(default=False, metadata={"help": "a learned embedding per training user"})
-    # User features can overfit where history already says more about a user (docs/loss.md), while they are
-    # what carries a user who has no history yet.
-    use_user_features: bool = field(default=True, metadata={"help": "user categorical features in the user tower"})
+    # Off by default: where users have histories, their features make the towers overfit (docs/loss.md); on, they
+    # are what carries a user who has no history yet (the tuner searches both).
+    use_user_features: bool = field(default=False, metadata={"help": "user categorical features in the user tower"})
     # The sum is a frozen Linear of stacked identities, so every consumer of the towers' Linear layers serves it
     # unchanged.
     combine: Literal["mlp", "sum"] = field(
