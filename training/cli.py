@@ -1,4 +1,5 @@
-"""`twotower`: the one console command. Subcommands: train, evaluate, reindex, serve, load-features.
+"""`twotower`: the one console command. Subcommands: train, tune, evaluate, reindex, export-events, retrain, serve,
+load-features.
 
 Each subcommand parses its flags and calls the module that owns the work; nothing here computes. `serve` and
 `load-features` belong to the online side: they are handed to `python -m service` (the process is replaced, so
@@ -50,9 +51,17 @@ def _dataset(args: argparse.Namespace, seed: int) -> Dataset:
 
     if args.data:
         cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
-        return load_dataset(args.data, cache_dir=cache)
-    dataset = synthetic(n_users=args.synthetic_users, n_items=args.synthetic_items, seed=seed)
-    log.info("no --data given: using the built-in %s", dataset.describe())
+        dataset = load_dataset(args.data, cache_dir=cache)
+    else:
+        dataset = synthetic(n_users=args.synthetic_users, n_items=args.synthetic_items, seed=seed)
+        log.info("no --data given: using the built-in %s", dataset.describe())
+    if getattr(args, "events", None):
+        from training.dataset import with_events
+        from training.event_export import read_events
+
+        events = read_events(args.events)
+        dataset = with_events(dataset, events["user_id"], events["item_id"], events["timestamp"])
+        log.info("with %d exported events from %s: %s", len(events), args.events, dataset.describe())
     return dataset
 
 
@@ -121,7 +130,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         dataset = dataset if dataset is not None else _dataset(args, config.seed)
         store = ArtifactStore(_artifacts(args))
         tuning = Tuning(args.tune, args.tune_seconds, args.tune_storage) if args.tune is not None else None
-        model_dir = train_and_save(dataset, store, config, holdout=args.holdout, progress=not args.quiet, tuning=tuning)
+        warm_from = None
+        if args.warm_start:
+            warm_from = load_model(
+                store.model_dir(store.active_model() if args.warm_start == "active" else args.warm_start)
+            )
+        model_dir = train_and_save(
+            dataset, store, config, holdout=args.holdout, progress=not args.quiet, tuning=tuning, warm_from=warm_from
+        )
     finally:
         distributed.stop()
     if model_dir is not None:
@@ -159,6 +175,11 @@ def cmd_tune(args: argparse.Namespace) -> None:
         dataset, train, config, store, Tuning(args.trials, args.tune_seconds, args.tune_storage)
     )
     print(json.dumps({k: v for k, v in searched.items() if k != "history"}, indent=2))
+
+
+def _add_redis_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", default=None, help="the service's Redis (default: $TWOTOWER_REDIS_URL)")
+    parser.add_argument("--redis-prefix", default=None, help="Redis key prefix (default: $TWOTOWER_REDIS_PREFIX)")
 
 
 def _add_tuning_args(parser: argparse.ArgumentParser) -> None:
@@ -254,6 +275,64 @@ def cmd_reindex(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+# --------------------------------------------------------------------------- the feedback loop
+
+
+def _redis(args: argparse.Namespace) -> tuple[str, str]:
+    """(Redis URL, key prefix) from the flags, else $TWOTOWER_REDIS_URL / $TWOTOWER_REDIS_PREFIX."""
+    from training.redis_keys import DEFAULT_PREFIX
+
+    url = args.redis_url or os.environ.get("TWOTOWER_REDIS_URL")
+    if not url:
+        raise CommandError("the event log is in Redis: give --redis-url or set TWOTOWER_REDIS_URL")
+    return url, args.redis_prefix or os.environ.get("TWOTOWER_REDIS_PREFIX") or DEFAULT_PREFIX
+
+
+def cmd_export_events(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from training.event_export import export_events
+
+    url, prefix = _redis(args)
+    out = args.out or _artifacts(args) / "events"
+    with tqdm(unit="event", desc="export events", disable=args.quiet) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            result = export_events(url, out, prefix, since=args.since, on_progress=progress)
+        except ValueError as e:
+            raise CommandError(str(e)) from e
+    print(f"exported {result.exported} events to {out} (cursor {result.cursor})")
+    print(json.dumps(result.as_dict(), indent=2))
+
+
+def cmd_retrain(args: argparse.Namespace) -> None:
+    from training.artifacts import ArtifactStore
+    from training.retrain import DEFAULT_TOLERANCE, retrain
+
+    url, prefix = _redis(args)
+    store = ArtifactStore(_artifacts(args))
+    base = _dataset(args, 0)
+    result = retrain(
+        base,
+        store,
+        url,
+        prefix,
+        events_dir=args.events_dir,
+        overrides=_config_overrides(args),
+        warm=not args.cold,
+        tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+        progress=not args.quiet,
+    )
+    print(result.reason)
+    print(json.dumps(result.as_dict(), indent=2, default=str))
+    if not result.published:
+        raise CommandError("nothing published; the active index is unchanged", 1)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -287,6 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
         "study's best so far), then train with the best settings",
     )
     _add_tuning_args(train)
+    train.add_argument(
+        "--events",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also train on the events `twotower export-events` wrote there (new users and items join)",
+    )
+    train.add_argument(
+        "--warm-start",
+        default=None,
+        metavar="MODEL",
+        help="start from this model's weights (a version, or `active`) for the ids and layers it shares",
+    )
     _add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
@@ -351,6 +443,39 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--redis-prefix", default=None, help="Redis key prefix (default: $TWOTOWER_REDIS_PREFIX)")
     rx.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     rx.set_defaults(func=cmd_reindex)
+
+    ex = sub.add_parser(
+        "export-events",
+        help="move the service's event log (Redis) into Parquet partitions, exactly once",
+        description="Append the events logged since the last export to DIR as Parquet partitions in the generic "
+        "interactions format (user_id, item_id, timestamp), then trim them from the log. Safe to repeat and to "
+        "interrupt: the cursor is the newest partition's last stream id.",
+    )
+    ex.add_argument("--artifacts", type=Path, default=None, help=ARTIFACTS_HELP)
+    ex.add_argument("--out", type=Path, default=None, metavar="DIR", help="default: <artifacts>/events")
+    ex.add_argument("--since", default=None, metavar="ID", help="export only events after this stream id")
+    _add_redis_args(ex)
+    ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ex.set_defaults(func=cmd_export_events)
+
+    rt = sub.add_parser(
+        "retrain",
+        help="export the event log, train on the data plus the events, and publish if not worse",
+        description="export-events, then train on --data plus every exported event (the active model's recipe, "
+        "warm-started from its weights), then re-index and publish unless the new model's validation NDCG@10 "
+        "is more than --tolerance below the active model's. Exit status 1 when nothing was published.",
+    )
+    _add_data_args(rt)
+    rt.add_argument("--artifacts", type=Path, default=None, help=ARTIFACTS_HELP)
+    rt.add_argument("--events-dir", type=Path, default=None, help="default: <artifacts>/events")
+    rt.add_argument("--cold", action="store_true", help="no warm start from the active model")
+    rt.add_argument(
+        "--tolerance", type=float, default=None, help="largest validation NDCG@10 drop allowed (default: 0.01)"
+    )
+    _add_redis_args(rt)
+    rt.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(rt)
+    rt.set_defaults(func=cmd_retrain)
 
     for name, text in (
         ("serve", "run the HTTP service (FastAPI under uvicorn); `twotower serve --help` lists its flags"),

@@ -283,6 +283,38 @@ def build_dataset(
     return Dataset(name, rows, users, items, spec)
 
 
+def with_events(dataset: Dataset, users: Column, items: Column, timestamps: Column, source: str = "events") -> Dataset:
+    """`dataset` plus more interactions (the service's exported events, `training.event_export`): users and items
+    new to it join its tables with missing features (the vocabularies a model builds from it grow), and a (user,
+    item) pair seen again keeps its latest row. Merged as integer codes: the base rows' ids are not rebuilt."""
+    base = dataset.interactions
+    extra_users, extra_user_ids = _codes(users)
+    extra_items, extra_item_ids = _codes(items)
+    user_ids = _grown(base.user_ids, extra_user_ids)
+    item_ids = _grown(base.item_ids, extra_item_ids)
+    user = np.concatenate([base.user, pd.Index(user_ids).get_indexer(extra_user_ids)[extra_users].astype(np.int32)])
+    item = np.concatenate([base.item, pd.Index(item_ids).get_indexer(extra_item_ids)[extra_items].astype(np.int32)])
+    user, user_ids = sorted_codes(user, user_ids)
+    stamps = np.floor(np.asarray(timestamps, dtype=np.float64)).astype(np.int64)
+    rows = interactions_from_codes(
+        user,
+        item,
+        user_ids,
+        item_ids,
+        np.concatenate([base.timestamp, stamps]),
+        np.concatenate([base.weight, np.ones(len(stamps), dtype=np.float32)]),
+        source,
+    )
+    return build_dataset(dataset.name, rows, dataset.users, dataset.items, dataset.spec, item_source=source,
+                         user_source=source)  # fmt: skip
+
+
+def _grown(known: np.ndarray, more: np.ndarray) -> np.ndarray:
+    """`known` ids followed by those of `more` it lacks."""
+    new = more[pd.Index(known, dtype=object).get_indexer(pd.Index(more, dtype=object)) < 0]
+    return np.concatenate([np.asarray(known, dtype=object), np.asarray(new, dtype=object)])
+
+
 # --------------------------------------------------------------------------- what works on a dataset
 
 # Decade buckets of release years, shared by the MovieLens specs and the synthetic catalog.

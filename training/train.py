@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from training import distributed
-from training.artifacts import ArtifactStore, save_model, write_json
+from training.artifacts import ArtifactStore, LoadedModel, save_model, write_json
 from training.config import TrainConfig
 from training.dataset import Dataset, Interactions, split_random, users_table
 from training.evaluate import Protocol, evaluate
@@ -52,6 +52,7 @@ from training.features import EncodedItems, EncodedUsers, build_vocabularies, en
 from training.losses import NegativeSampler, bpr_loss, hard_triplet_loss, softmax_loss, triplet_loss
 from training.model import TwoTower, embed_items, embed_users
 from training.plots import plot_curves, plot_trials
+from training.warm_start import WarmStart, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -548,9 +549,15 @@ def _wants_refit(config: TrainConfig, train_rows: int) -> bool:
     return config.refit == "always" or (config.refit == "auto" and train_rows <= REFIT_MAX_ROWS)
 
 
-def _new_model(dataset: Dataset, data: TrainingData, config: TrainConfig, device: torch.device) -> TwoTower:
+def _new_model(
+    dataset: Dataset, data: TrainingData, config: TrainConfig, device: torch.device, warm_from: LoadedModel | None
+) -> tuple[TwoTower, WarmStart | None]:
+    """A freshly initialised model, or with `warm_from` one that starts from that model's weights where they
+    carry over (`training.warm_start`)."""
     set_seed(config.seed)
-    return TwoTower(dataset.spec, data.vocabs, config.tower).to(device)
+    model = TwoTower(dataset.spec, data.vocabs, config.tower)
+    warmed = warm_start(model, warm_from.model, warm_from.version) if warm_from is not None else None
+    return model.to(device), warmed
 
 
 def fit(
@@ -560,10 +567,12 @@ def fit(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     on_validation: Callable[[int, float], None] | None = None,
+    warm_from: LoadedModel | None = None,
 ) -> FitResult:
     """Train on `train` minus a validation slice; keep the epoch with the best validation NDCG@10; refit on every
     training row when `config.refit` asks for it. Resumes from `checkpoint_dir` when it holds this run's checkpoint.
     `on_validation(epoch, ndcg)` hears of every validation pass (a tuner prunes a weak trial by raising from it).
+    `warm_from` starts the model (and a refit's) from a previous model's weights for the ids and layers it shares.
     Under torchrun every rank calls it; rank 0 validates and decides, and its result is the one to use."""
     started = time.perf_counter()
     device = choose_device(config.device)
@@ -573,7 +582,7 @@ def fit(
     shard = (distributed.rank(), distributed.world())
     fit_rows, val_rows = split_random(train, config.val_fraction, seed=config.seed + VALIDATION_SEED_OFFSET)
     data = TrainingData(dataset, fit_rows, shard)
-    model = _new_model(dataset, data, config, device)
+    model, warmed = _new_model(dataset, data, config, device, warm_from)
     trainer = Trainer(model, data, config, device)
     validation = Protocol(fit_rows, val_rows, config.val_users, seed=config.seed) if distributed.is_main() else None
     val_users = validation.encode_users(dataset, data.vocabs, data.items.ids) if validation is not None else None
@@ -690,9 +699,14 @@ def fit(
         "steps_per_epoch": trainer.batches.steps_per_epoch,
         "eval_every": eval_every,
     }
+    if warmed is not None:
+        stats["warm_start_rows_copied"] = warmed.rows_copied
+        stats["warm_start_rows_new"] = warmed.rows_new
     refit = _wants_refit(config, len(train))
     if refit:
-        model = _refit(dataset, train, config, max(best_epoch, 1), device, checkpoints, resumed, state, progress)
+        model = _refit(
+            dataset, train, config, max(best_epoch, 1), device, checkpoints, resumed, state, progress, warm_from
+        )
     elif state["best_model"] is not None:
         model.load_state_dict(state["best_model"])
     checkpoints.clear()
@@ -710,11 +724,12 @@ def _refit(
     resumed: dict[str, Any] | None,
     fitted: dict[str, Any],
     progress: bool,
+    warm_from: LoadedModel | None,
 ) -> TwoTower:
     """A fresh model trained on every training row for `epochs` epochs (no validation left to stop on); its
     checkpoints carry the fit's final state `fitted`, so a resumed run still knows what the fit found."""
     data = TrainingData(dataset, train, (distributed.rank(), distributed.world()))
-    model = _new_model(dataset, data, config, device)
+    model, _ = _new_model(dataset, data, config, device, warm_from)
     trainer = Trainer(model, data, config, device)
     first_epoch, first_step = 0, 0
     if resumed is not None and resumed["phase"] == "refit":
@@ -789,19 +804,22 @@ def train_and_save(
     progress: bool = True,
     test_users: int | None = None,
     tuning: Tuning | None = None,
+    warm_from: LoadedModel | None = None,
 ) -> Path | None:
     """Split off `holdout` of the rows as a test set (DESIGN §4), tune the recipe on the rest when `tuning` asks
     for it, fit on the rest, evaluate on the test set beside the popularity baseline, and publish the model
     artifact (rank 0; the other ranks of a torchrun get None). With holdout=0 every row trains. A killed run
-    started again with the same arguments resumes from its last checkpoint under `store`."""
+    started again with the same arguments resumes from its last checkpoint under `store`. `warm_from`: start from
+    that model's weights where they carry over (recorded in the manifest)."""
     started = time.perf_counter()
     train, test = training_split(dataset, holdout, config.seed)
     searched: dict[str, Any] | None = None
     if tuning is not None:
         config, searched = search_recipe(dataset, train, config, store, tuning)
         log.info("tuned recipe: %s (validation NDCG@10 %s)", searched["best_params"], searched["best_value"])
-    checkpoint_dir = store.root / "checkpoints" / run_key(dataset, config, holdout)
-    result = fit(dataset, train, config, progress=progress, checkpoint_dir=checkpoint_dir)
+    key = run_key(dataset, config, holdout) + (f"-warm-{warm_from.version}" if warm_from is not None else "")
+    result = fit(dataset, train, config, progress=progress, checkpoint_dir=store.root / "checkpoints" / key,
+                 warm_from=warm_from)  # fmt: skip
     if not distributed.is_main():
         distributed.barrier()
         return None
@@ -839,6 +857,7 @@ def train_and_save(
             "holdout": holdout,
             "interactions": len(dataset.interactions),
             "train_rows": len(train),
+            "warm_start_from": warm_from.version if warm_from is not None else None,
         },
         metrics=metrics,
         extra_files=extra_files,
