@@ -1,5 +1,5 @@
 # One command per job; each sets up ./.venv first (idempotent). See README.md.
-.PHONY: setup run test lint quality-benchmark index-benchmark
+.PHONY: setup run test lint quality-benchmark index-benchmark serve-benchmark reliability-benchmark replay-benchmark train-scale-benchmark
 
 setup:
 	bash scripts/setup.sh
@@ -26,10 +26,19 @@ lint: setup
 	.venv/bin/hadolint Dockerfile
 
 quality-benchmark: setup
-	.venv/bin/python -m benchmarks.quality --data ../shared/data/ml-100k --seeds 0,1,2
+	.venv/bin/python -m benchmarks.quality --data ../shared/data/ml-100k,../shared/data/citeulike-a --seeds 0,1,2 --tune-seconds 600
 
 index-benchmark: setup
 	.venv/bin/python -m benchmarks.index --items 100000,1000000 --dim 64
 
 serve-benchmark: setup
 	.venv/bin/python -m benchmarks.serve --items 100000 --workers 1,2 && .venv/bin/python -m benchmarks.serve --items 1000000
+
+reliability-benchmark: setup
+	.venv/bin/python -m benchmarks.reliability
+
+replay-benchmark: setup
+	.venv/bin/python -m benchmarks.replay --data ../shared/data/ml-100k
+
+train-scale-benchmark: setup
+	.venv/bin/python -m benchmarks.train_scale
