@@ -311,22 +311,29 @@ def cmd_export_events(args: argparse.Namespace) -> None:
 
 def cmd_retrain(args: argparse.Namespace) -> None:
     from training.artifacts import ArtifactStore
+    from training.catalog import CatalogError
+    from training.index_build import RecallTargetError
     from training.retrain import DEFAULT_TOLERANCE, retrain
 
     url, prefix = _redis(args)
     store = ArtifactStore(_artifacts(args))
     base = _dataset(args, 0)
-    result = retrain(
-        base,
-        store,
-        url,
-        prefix,
-        events_dir=args.events_dir,
-        overrides=_config_overrides(args),
-        warm=not args.cold,
-        tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
-        progress=not args.quiet,
-    )
+    before = store.active_index()
+    try:
+        result = retrain(
+            base,
+            store,
+            url,
+            prefix,
+            events_dir=args.events_dir,
+            overrides=_config_overrides(args),
+            warm=not args.cold,
+            tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+            progress=not args.quiet,
+        )
+    except (RecallTargetError, CatalogError, ValueError) as e:
+        code = 1 if isinstance(e, RecallTargetError) else 2
+        raise CommandError(f"not published (active index unchanged: {before}): {e}", code) from e
     print(result.reason)
     print(json.dumps(result.as_dict(), indent=2, default=str))
     if not result.published:
