@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.serve import PREFIX, load_users, log, server
+from benchmarks.serve import PREFIX, cache_lookups, load_users, log, server
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replay.json"
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "replay.png"
@@ -103,12 +102,6 @@ def twotower(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]
 # --------------------------------------------------------------------------- one row
 
 
-def _cache_lookups(client: Any) -> dict[str, float]:
-    text = client.get("/metrics").text
-    found = re.findall(r'^twotower_user_cache_lookups_total\{result="(\w+)"\} ([0-9.e+]+)$', text, re.M)
-    return {result: float(value) for result, value in found}
-
-
 def replay_row(
     client: Any, replay: Replay, *, post: bool, boundaries: Sequence[int] = (), on_boundary: Any = None
 ) -> dict[str, Any]:
@@ -116,7 +109,7 @@ def replay_row(
     gains = np.zeros(len(replay.users))
     latencies = np.zeros(len(replay.users))
     versions: set[str] = set()
-    before = _cache_lookups(client)
+    before = cache_lookups(str(client.base_url).rstrip("/"))
     marks = set(boundaries)
     for i, (user, item, stamp) in enumerate(zip(replay.users, replay.items, replay.timestamps, strict=True)):
         if i in marks and on_boundary is not None:
@@ -132,7 +125,7 @@ def replay_row(
             hits[i], gains[i] = True, 1 / np.log2(ranked.index(item) + 2)
         if post:
             client.post("/v1/events", json={"user_id": user, "item_id": item, "timestamp": stamp}).raise_for_status()
-    after = _cache_lookups(client)
+    after = cache_lookups(str(client.base_url).rstrip("/"))
     lookups = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     total = sum(lookups.values())
     return {

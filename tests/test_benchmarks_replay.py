@@ -25,6 +25,8 @@ def test_the_replay_measures_every_row_on_the_same_events(tmp_path: Path) -> Non
         assert row["requests"] == 240 and 0.0 <= row["ndcg@10"] <= row["hit_rate@10"] <= 1.0, name
     assert rows["live"]["hit_rate@10"] > rows["frozen"]["hit_rate@10"] + 0.1
     assert rows["frozen"]["index_versions_served"] == rows["live"]["index_versions_served"] == 1
+    # Posted events invalidate the user's cached record: frozen histories stay cached, live ones do not.
+    assert rows["frozen"]["user_cache_hit_rate"] > rows["live"]["user_cache_hit_rate"]
     runs = result["retrain_runs"]
     assert len(runs) == rows["retrain"]["retrains"] == 2
     for run in runs:
