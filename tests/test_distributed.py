@@ -97,6 +97,9 @@ def _rank_gradients(rank: int, port: int, out: str) -> None:
         step = torch.nn.parallel.DistributedDataParallel(StepLoss(model, CONFIG, data.item_counts))
         step(halves[rank]).backward()
         np.savez(f"{out}-{rank}.npz", **_gradients(model))
+        # The DDP wrapper goes before its process group: destroyed after it, at exit, gloo can abort the process.
+        del step
+        distributed.barrier()
     finally:
         distributed.stop()
 
