@@ -179,7 +179,8 @@ class Retrainer:
             record = {"error": done.stderr[-500:]}
         self.runs.append({"at_event": at, "seconds": round(time.perf_counter() - started, 1),
                           "exit": done.returncode, **{k: record.get(k) for k in (
-                              "published", "reason", "val_ndcg", "previous_val_ndcg", "warm_start")}})  # fmt: skip
+                              "published", "reason", "gate_events", "gate_ndcg", "previous_gate_ndcg", "popularity_gate_ndcg",
+                              "warm_start")}})  # fmt: skip
         log(f"  retrain at event {at}: {self.runs[-1]['reason'] or record.get('error')}")
 
     def at_boundary(self, at: int) -> None:
@@ -265,7 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"replaying {len(replay.users):,} events: {name} ...")
                 row_started = time.perf_counter()
                 if name == "retrain":
-                    retrainer = Retrainer(root, work / "base", redis.url, train_args)
+                    retrainer = Retrainer(root, work / "base", redis.url, [*train_args, *args.retrain_args.split()])
                     row = replay_row(client, replay, post=True, boundaries=boundaries,
                                      on_boundary=retrainer.at_boundary)  # fmt: skip
                     retrainer.wait()
@@ -282,6 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_share": args.train_share,
         "retrain_every": args.retrain_every,
         "train_args": train_args,
+        "retrain_args": args.retrain_args.split(),
         "rows": {name: replay.rows[name] for name in (*ROWS, "popularity")},
         "retrain_runs": retrains,
         "seconds": round(time.perf_counter() - started, 1),
@@ -334,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--retrain-every", type=float, default=0.05, help="share of replayed events per retrain")
     parser.add_argument("--max-events", type=int, default=0, help="replay only the first N events (0: all)")
     parser.add_argument("--train-args", default="", help="extra `twotower train` flags, e.g. '--epochs 5'")
+    parser.add_argument("--retrain-args", default="", help="extra `twotower retrain` flags, e.g. '--tolerance 0.02'")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
     args = parser.parse_args(argv)

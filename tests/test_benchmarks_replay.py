@@ -16,6 +16,7 @@ ROW_KEYS = {"hit_rate@10", "ndcg@10", "requests", "p50_ms", "p99_ms"}
 def test_the_replay_measures_every_row_on_the_same_events(tmp_path: Path) -> None:
     out = tmp_path / "replay.json"
     args = ["--synthetic-users", "300", "--max-events", "240", "--retrain-every", "0.4", "--train-args", "--epochs 8"]
+    args += ["--retrain-args", "--min-gate-events 10"]  # 96 events per retrain: the newest 19 judge it
     result = main([*args, "--out", str(out), "--plot", str(tmp_path / "replay.png")])
     assert json.loads(out.read_text())["rows"].keys() == {"frozen", "live", "retrain", "popularity"}
     assert (tmp_path / "replay.png").stat().st_size > 0
@@ -32,5 +33,6 @@ def test_the_replay_measures_every_row_on_the_same_events(tmp_path: Path) -> Non
     for run in runs:
         assert run["exit"] in (0, 1) and run["reason"], run  # published, or refused by the gate with the reason
         assert run["published"] == (run["exit"] == 0)
+        assert run["gate_events"] >= 10 and run["gate_ndcg"] is not None and run["previous_gate_ndcg"] is not None
     if rows["retrain"]["retrains_published"]:
         assert rows["retrain"]["index_versions_served"] >= 2  # the swap happened during the replay

@@ -23,7 +23,7 @@ from training.cli import main as twotower
 from training.dataset import Dataset, with_events
 from training.event_export import export_events, read_events
 from training.redis_keys import RedisKeys
-from training.retrain import retrain
+from training.retrain import EVENTS_SEEN, held_out_rows, retrain
 from training.train import train_and_save
 from training.warm_start import warm_start
 
@@ -77,6 +77,16 @@ def test_events_the_log_bound_dropped_before_an_export_are_counted(redis_url: st
     assert result.dropped > 0  # approximate trimming keeps at least the bound
     assert result.exported >= 100
     assert result.exported + result.dropped == 1000
+
+
+def test_a_model_trained_on_exported_events_records_how_many_it_had(redis_url: str, tmp_path: Path) -> None:
+    prefix, out, root = "train-events:", tmp_path / "events", tmp_path / "artifacts"
+    _record(redis_url, prefix, tmp_path, [(f"u{i}", f"i{i % 7}", 1.7e9 + i) for i in range(30)])
+    export_events(redis_url, out, prefix)
+    data = ["--synthetic-users", "60", "--synthetic-items", "40", "--epochs", "2", "--artifacts", str(root)]
+    assert twotower(["train", *data, "--events", str(out), "-q"]) == 0
+    model = load_model(ArtifactStore(root).model_dir(ArtifactStore(root).active_model()))
+    assert model.manifest["training"][EVENTS_SEEN] == 30  # so `retrain` treats only later events as new to it
 
 
 def test_an_export_from_a_bad_since_id_is_refused(redis_url: str, tmp_path: Path) -> None:
@@ -144,9 +154,14 @@ def test_retrain_publishes_a_model_with_the_new_items_and_refuses_one_below_the_
     events = [(str(base.user_ids[u]), "brand-new-item", 1e9 + u) for u in range(40)]
     _record(redis_url, prefix, tmp_path, events)
 
-    done = retrain(tiny_dataset, store, redis_url, prefix, progress=False)
+    done = retrain(tiny_dataset, store, redis_url, prefix, progress=False, min_gate_events=5)
     assert done.published, done.reason
     assert done.warm_start and done.export["exported"] == 40
+    # The newest 20% of the events judged both models and were kept out of the new one's training.
+    assert done.gate_events == 8 and done.gate_ndcg is not None and done.previous_gate_ndcg is not None
+    published = load_model(store.model_dir(str(done.model_version)))
+    assert published.manifest["training"][EVENTS_SEEN] == 32
+    assert published.manifest["metrics"]["test"]["users"] == 8
     assert store.active_index() == done.index_version != first_index
     indexed = pd.read_parquet(store.index_dir(str(done.index_version)) / INDEX_ITEMS)
     assert "brand-new-item" in set(indexed.get("item_id", indexed.index))
@@ -154,6 +169,33 @@ def test_retrain_publishes_a_model_with_the_new_items_and_refuses_one_below_the_
     assert client.get(RedisKeys(prefix).active_index) == done.index_version  # announced to running services
     client.close()
 
-    refused = retrain(tiny_dataset, store, redis_url, prefix, progress=False, tolerance=-1.0)  # a gate none passes
-    assert not refused.published and "not published" in refused.reason
+    waiting = retrain(tiny_dataset, store, redis_url, prefix, progress=False, min_gate_events=5)
+    assert not waiting.published and waiting.model_version is None and "nothing trained" in waiting.reason
+    assert "8 events are new" in waiting.reason  # the 8 held out last time, which the active model never saw
+
+    more = [(str(base.user_ids[u]), "another-new-item", 2e9 + u) for u in range(40, 80)]
+    _record(redis_url, prefix, tmp_path, more)
+    refused = retrain(  # a gate none passes
+        tiny_dataset, store, redis_url, prefix, progress=False, min_gate_events=5, tolerance=-1.0
+    )
+    assert not refused.published and "not published" in refused.reason and refused.gate_events == 10
     assert store.active_index() == done.index_version
+
+
+def test_the_gate_holds_out_exactly_the_newest_events(tiny_dataset: Dataset) -> None:
+    base = tiny_dataset.interactions
+    events = pd.DataFrame(
+        {
+            "user_id": [str(base.user_ids[0]), str(base.user_ids[1]), "new-user"],
+            "item_id": [str(base.item_ids[0]), "new-item", str(base.item_ids[2])],
+            "timestamp": [3e9 + 0.7, 3e9 + 1, 3e9 + 2],
+        }
+    )
+    merged = with_events(tiny_dataset, events["user_id"], events["item_id"], events["timestamp"])
+    held = held_out_rows(merged, events.iloc[1:])
+    rows = merged.interactions.take(held)
+    assert held.sum() == 2
+    assert set(zip(rows.user_ids[rows.user], rows.item_ids[rows.item], strict=True)) == {
+        (str(base.user_ids[1]), "new-item"),
+        ("new-user", str(base.item_ids[2])),
+    }

@@ -65,6 +65,16 @@ def _dataset(args: argparse.Namespace, seed: int) -> Dataset:
     return dataset
 
 
+def _events_record(args: argparse.Namespace) -> dict[str, int]:
+    """The manifest's note of the exported events a model had as data, so `retrain` knows which are new to it."""
+    if not getattr(args, "events", None):
+        return {}
+    from training.event_export import exported_count
+    from training.retrain import EVENTS_SEEN
+
+    return {EVENTS_SEEN: exported_count(args.events)}
+
+
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dataset folder or file (format detected); default: built-in synthetic data")
     parser.add_argument("--synthetic-users", type=int, default=2000, help="synthetic data: number of users")
@@ -136,7 +146,14 @@ def cmd_train(args: argparse.Namespace) -> None:
                 store.model_dir(store.active_model() if args.warm_start == "active" else args.warm_start)
             )
         model_dir = train_and_save(
-            dataset, store, config, holdout=args.holdout, progress=not args.quiet, tuning=tuning, warm_from=warm_from
+            dataset,
+            store,
+            config,
+            holdout=args.holdout,
+            progress=not args.quiet,
+            tuning=tuning,
+            warm_from=warm_from,
+            record=_events_record(args),
         )
     finally:
         distributed.stop()
@@ -313,7 +330,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     from training.artifacts import ArtifactStore
     from training.catalog import CatalogError
     from training.index_build import RecallTargetError
-    from training.retrain import DEFAULT_TOLERANCE, retrain
+    from training.retrain import DEFAULT_TOLERANCE, MIN_GATE_EVENTS, retrain
 
     url, prefix = _redis(args)
     store = ArtifactStore(_artifacts(args))
@@ -329,6 +346,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
             overrides=_config_overrides(args),
             warm=not args.cold,
             tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+            min_gate_events=MIN_GATE_EVENTS if args.min_gate_events is None else args.min_gate_events,
             progress=not args.quiet,
         )
     except (RecallTargetError, CatalogError, ValueError) as e:
@@ -477,7 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--events-dir", type=Path, default=None, help="default: <artifacts>/events")
     rt.add_argument("--cold", action="store_true", help="no warm start from the active model")
     rt.add_argument(
-        "--tolerance", type=float, default=None, help="largest validation NDCG@10 drop allowed (default: 0.01)"
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest drop of NDCG@10 on the held-out newest events allowed, against the active model (default: 0.01)",
+    )
+    rt.add_argument(
+        "--min-gate-events",
+        type=int,
+        default=None,
+        metavar="N",
+        help="held-out events the gate needs at least; fewer new events and nothing is trained (default: 50)",
     )
     _add_redis_args(rt)
     rt.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

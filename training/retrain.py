@@ -1,19 +1,22 @@
 """`twotower retrain`: the feedback loop as one command: export the service's event log, train on the base data
-plus every exported event, and re-index and publish only a model that is not worse than the one serving.
+plus the exported events, and re-index and publish only a model that is not worse than the one serving.
 
     export   `training.event_export`: the log into Parquet partitions under `<artifacts>/events/`
-    train    the base data with the events (`training.dataset.with_events`: new users and items join), the active
-             model's recipe unless told otherwise, warm-started from the active model's weights where the towers
-             match (`training.warm_start`), every row training (holdout 0; validation is carved from it)
-    gate     the new model's validation NDCG@10 against the active model's, recorded when it was trained: more
-             than `tolerance` below it, and nothing is published (the model artifact stays, for a look)
+    hold out the newest `GATE_SHARE` of the events the active model has not had as data (its manifest records how
+             many exported events, oldest first, it had: `EVENTS_SEEN`); fewer than `min_gate_events` of them and
+             nothing is trained (there is too little new to judge a model on)
+    train    the base data with the other events (`training.dataset.with_events`: new users and items join), the
+             active model's recipe unless told otherwise, warm-started from the active model's weights where the
+             towers match (`training.warm_start`); validation for early stopping is carved from these rows
+    gate     both models rank the catalog for the held-out events' users, with the same histories (every row but
+             the held-out ones) and the same metric (`training.evaluate`): the new model's NDCG@10 more than
+             `tolerance` below the active model's, and nothing is published (the model artifact stays, for a look)
     publish  `training.reindex.reindex`: the index is built, checked, published, made active and announced in
              Redis, where running services swap to it without a restart
 
-The two validation numbers come from different slices (each model's own, drawn from the data it saw). The gate
-catches a broken or much worse model, and it can also refuse a model that is no worse, when the active model's
-slice happened to score high. The replay benchmark (`benchmarks/replay.py`) shows this: 8 of 9 retrains refused
-after one lucky slice. Scoring both models on the same held-out newest events would fix it; that is open work.
+Both models are scored on events neither trained on, the newest ones, which is what the next model will be asked
+to predict. The published model has not trained on its gate's events; the next retrain does (they are then older
+than its own held-out share).
 """
 
 from __future__ import annotations
@@ -25,16 +28,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from training.artifacts import ArtifactError, ArtifactStore, load_model
 from training.config import TrainConfig, with_overrides
 from training.dataset import Dataset, with_events
-from training.event_export import export_events, read_events
+from training.evaluate import evaluate
+from training.event_export import SCHEMA, export_events, read_events
 from training.reindex import reindex
 from training.train import train_and_save
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOLERANCE = 0.01  # validation NDCG@10, absolute
+DEFAULT_TOLERANCE = 0.01  # NDCG@10 on the held-out events, absolute
+GATE_SHARE = 0.2  # of the events new to the active model: the newest this share judge both models
+MIN_GATE_EVENTS = 50  # held-out events at least; fewer and the two scores differ by noise alone
+EVENTS_SEEN = "events_seen"  # the manifest's training-record field: exported events, oldest first, in its data
 
 
 @dataclass
@@ -44,8 +54,10 @@ class RetrainResult:
     model_version: str | None = None
     index_version: str | None = None
     previous_model: str | None = None
-    val_ndcg: float | None = None
-    previous_val_ndcg: float | None = None
+    gate_events: int = 0
+    gate_ndcg: float | None = None  # the new model's NDCG@10 on the held-out events
+    previous_gate_ndcg: float | None = None  # the active model's, on the same events with the same histories
+    popularity_gate_ndcg: float | None = None  # the floor: the training counts as scores
     warm_start: bool = False
     export: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -54,9 +66,18 @@ class RetrainResult:
         return dict(self.__dict__)
 
 
-def _val_ndcg(metrics: dict[str, Any]) -> float | None:
-    value = metrics.get("best_val_ndcg@10")
-    return float(value) if value is not None and math.isfinite(float(value)) else None
+def held_out_rows(dataset: Dataset, events: pd.DataFrame) -> np.ndarray:
+    """Boolean mask of `dataset.interactions`: the rows that are `events` (user, item and whole-second timestamp,
+    as `with_events` merged them; a pair seen again keeps its latest row, which is the held-out one)."""
+    rows = dataset.interactions
+    held = pd.MultiIndex.from_arrays(
+        [
+            pd.Index(rows.user_ids, dtype=object).get_indexer(pd.Index(events["user_id"], dtype=object)),
+            pd.Index(rows.item_ids, dtype=object).get_indexer(pd.Index(events["item_id"], dtype=object)),
+            np.floor(events["timestamp"].to_numpy(np.float64)).astype(np.int64),
+        ]
+    )
+    return pd.MultiIndex.from_arrays([rows.user, rows.item, rows.timestamp]).isin(held)
 
 
 def retrain(
@@ -69,9 +90,10 @@ def retrain(
     overrides: dict[str, Any] | None = None,
     warm: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
+    min_gate_events: int = MIN_GATE_EVENTS,
     progress: bool = True,
 ) -> RetrainResult:
-    """Export, train, gate and publish (module docstring)."""
+    """Export, hold out, train, gate and publish (module docstring)."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     events_dir = events_dir or store.root / "events"
@@ -88,42 +110,65 @@ def retrain(
     warm_from = previous if warm and previous is not None and previous.model.config == config.tower else None
     if warm and previous is not None and warm_from is None:
         log.warning("towers configured unlike model %s's: training cold", previous.version)
-
-    events = read_events(events_dir) if exported.cursor is not None else None
-    dataset = base if events is None else with_events(base, events["user_id"], events["item_id"], events["timestamp"])
-    started = time.perf_counter()
-    model_dir = train_and_save(dataset, store, config, holdout=0.0, progress=progress, warm_from=warm_from)
-    seconds["train"] = time.perf_counter() - started
-    assert model_dir is not None  # one process
-    model = load_model(model_dir)
     result = RetrainResult(
         published=False,
         reason="",
-        model_version=model.version,
         previous_model=previous.version if previous is not None else None,
-        val_ndcg=_val_ndcg(model.manifest["metrics"]),
-        previous_val_ndcg=_val_ndcg(previous.manifest["metrics"]) if previous is not None else None,
         warm_start=warm_from is not None,
         export=exported.as_dict(),
         seconds=seconds,
     )
-    if result.val_ndcg is None:
-        result.reason = f"model {model.version} has no validation NDCG@10 (too little data to validate on)"
-        return result
-    if result.previous_val_ndcg is not None and result.val_ndcg < result.previous_val_ndcg - tolerance:
+
+    events = read_events(events_dir) if exported.cursor is not None else pd.DataFrame(columns=list(SCHEMA.names))
+    seen = min(int(previous.manifest["training"].get(EVENTS_SEEN, 0)), len(events)) if previous is not None else 0
+    gate_events = round(GATE_SHARE * (len(events) - seen)) if previous is not None else 0
+    if previous is not None and gate_events < min_gate_events:
         result.reason = (
-            f"model {model.version} not published: validation NDCG@10 {result.val_ndcg:.4f} is more than "
-            f"{tolerance} below the active model {result.previous_model}'s {result.previous_val_ndcg:.4f}"
+            f"nothing trained: {len(events) - seen} events are new to the active model {previous.version}; a retrain "
+            f"waits for {math.ceil(min_gate_events / GATE_SHARE)}, so that the newest {GATE_SHARE:.0%} of them "
+            f"({min_gate_events}) can judge the new model against it"
         )
         return result
+    dataset = base if not len(events) else with_events(base, events["user_id"], events["item_id"], events["timestamp"])
+    held_out = held_out_rows(dataset, events.iloc[len(events) - gate_events :]) if gate_events else None
+    started = time.perf_counter()
+    model_dir = train_and_save(dataset, store, config, holdout=0.0, progress=progress, warm_from=warm_from,
+                               held_out=held_out, record={EVENTS_SEEN: len(events) - gate_events})  # fmt: skip
+    seconds["train"] = time.perf_counter() - started
+    assert model_dir is not None  # one process
+    model = load_model(model_dir)
+    result.model_version = model.version
+    if held_out is None:
+        # The first model: nothing to compare with; its own validation says whether it learned anything.
+        if not math.isfinite(float(model.manifest["metrics"].get("best_val_ndcg@10", math.nan))):
+            result.reason = f"model {model.version} has no validation NDCG@10 (too little data to validate on)"
+            return result
+    else:
+        assert previous is not None
+        test = dataset.interactions.take(held_out)
+        result.gate_events = len(test)
+        result.gate_ndcg = model.manifest["metrics"]["test"]["ndcg@10"]
+        result.popularity_gate_ndcg = model.manifest["metrics"]["test_popularity"]["ndcg@10"]
+        result.previous_gate_ndcg = evaluate(
+            previous.model, dataset, dataset.interactions.take(~held_out), test
+        ).ndcg
+        if result.gate_ndcg < result.previous_gate_ndcg - tolerance:
+            result.reason = (
+                f"model {model.version} not published: NDCG@10 {result.gate_ndcg:.4f} on the newest "
+                f"{result.gate_events} events is more than {tolerance} below the active model "
+                f"{previous.version}'s {result.previous_gate_ndcg:.4f} on the same events"
+            )
+            return result
     started = time.perf_counter()
     result.index_version = reindex(
         store, model_version=model.version, redis_url=redis_url, redis_prefix=redis_prefix, progress=progress
     )
     seconds["reindex"] = time.perf_counter() - started
     result.published = True
-    result.reason = (
-        f"model {model.version} published as index {result.index_version}: validation NDCG@10 "
-        f"{result.val_ndcg:.4f} (active model: {result.previous_val_ndcg})"
+    result.reason = f"model {model.version} published as index {result.index_version}" + (
+        f": NDCG@10 {result.gate_ndcg:.4f} on the newest {result.gate_events} events, the active model "
+        f"{previous.version} {result.previous_gate_ndcg:.4f}, popularity {result.popularity_gate_ndcg:.4f}"
+        if previous is not None and result.gate_ndcg is not None
+        else " (the first model)"
     )
     return result

@@ -503,11 +503,12 @@ class Checkpoints:
                 with_parent.rmdir()
 
 
-def run_key(dataset: Dataset, config: TrainConfig, holdout: float) -> str:
-    """Identifies a training run for resuming: the data arrays, the recipe, the holdout and the process count."""
+def run_key(dataset: Dataset, config: TrainConfig, holdout: float, held_out: np.ndarray | None = None) -> str:
+    """Identifies a training run for resuming: the data arrays, the recipe, the holdout (or the held-out rows) and
+    the process count."""
     digest = hashlib.blake2b(digest_size=12)
     rows = dataset.interactions
-    for array in (rows.user, rows.item, rows.timestamp, rows.weight):
+    for array in (rows.user, rows.item, rows.timestamp, rows.weight, *(() if held_out is None else (held_out,))):
         digest.update(np.ascontiguousarray(array).data)
     description = {
         "dataset": dataset.name,
@@ -805,19 +806,27 @@ def train_and_save(
     test_users: int | None = None,
     tuning: Tuning | None = None,
     warm_from: LoadedModel | None = None,
+    held_out: np.ndarray | None = None,
+    record: dict[str, Any] | None = None,
 ) -> Path | None:
     """Split off `holdout` of the rows as a test set (DESIGN §4), tune the recipe on the rest when `tuning` asks
     for it, fit on the rest, evaluate on the test set beside the popularity baseline, and publish the model
     artifact (rank 0; the other ranks of a torchrun get None). With holdout=0 every row trains. A killed run
     started again with the same arguments resumes from its last checkpoint under `store`. `warm_from`: start from
-    that model's weights where they carry over (recorded in the manifest)."""
+    that model's weights where they carry over (recorded in the manifest). `held_out`: a boolean mask of
+    `dataset.interactions`, the test set instead of a random `holdout` share (the retrain gate's newest events).
+    `record`: more fields for the manifest's training record."""
     started = time.perf_counter()
-    train, test = training_split(dataset, holdout, config.seed)
+    if held_out is not None:
+        train, test = dataset.interactions.take(~held_out), dataset.interactions.take(held_out)
+        holdout = round(float(np.mean(held_out)), 6) if len(held_out) else 0.0
+    else:
+        train, test = training_split(dataset, holdout, config.seed)
     searched: dict[str, Any] | None = None
     if tuning is not None:
         config, searched = search_recipe(dataset, train, config, store, tuning)
         log.info("tuned recipe: %s (validation NDCG@10 %s)", searched["best_params"], searched["best_value"])
-    key = run_key(dataset, config, holdout) + (f"-warm-{warm_from.version}" if warm_from is not None else "")
+    key = run_key(dataset, config, holdout, held_out) + (f"-warm-{warm_from.version}" if warm_from is not None else "")
     result = fit(dataset, train, config, progress=progress, checkpoint_dir=store.root / "checkpoints" / key,
                  warm_from=warm_from)  # fmt: skip
     if not distributed.is_main():
@@ -858,6 +867,7 @@ def train_and_save(
             "interactions": len(dataset.interactions),
             "train_rows": len(train),
             "warm_start_from": warm_from.version if warm_from is not None else None,
+            **(record or {}),
         },
         metrics=metrics,
         extra_files=extra_files,
