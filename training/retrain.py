@@ -149,9 +149,7 @@ def retrain(
         result.gate_events = len(test)
         result.gate_ndcg = model.manifest["metrics"]["test"]["ndcg@10"]
         result.popularity_gate_ndcg = model.manifest["metrics"]["test_popularity"]["ndcg@10"]
-        result.previous_gate_ndcg = evaluate(
-            previous.model, dataset, dataset.interactions.take(~held_out), test
-        ).ndcg
+        result.previous_gate_ndcg = evaluate(previous.model, dataset, dataset.interactions.take(~held_out), test).ndcg
         if result.gate_ndcg < result.previous_gate_ndcg - tolerance:
             result.reason = (
                 f"model {model.version} not published: NDCG@10 {result.gate_ndcg:.4f} on the newest "
