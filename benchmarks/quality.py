@@ -147,6 +147,20 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merged(earlier: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`earlier` datasets with `now`'s rows in place of theirs of the same model; datasets new in `now` appended."""
+    out = {d["dataset"]: d for d in earlier}
+    for dataset in now:
+        before = out.get(dataset["dataset"])
+        if before is None:
+            out[dataset["dataset"]] = dataset
+            continue
+        names = {row["model"] for row in dataset["rows"]}
+        kept = [row for row in before["rows"] if row["model"] not in names]
+        out[dataset["dataset"]] = {**dataset, "rows": kept + dataset["rows"]}
+    return list(out.values())
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="comma-separated dataset folders (never copied into the repo)")
@@ -163,6 +177,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "many seconds per dataset and seed on the validation slice (as `twotower train --tune`), 0: no such row",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep --out's other rows: this run's rows replace those of the same "
+        "model and dataset (each row says when it was measured; peers rerun here stay beside the rows they judge)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("training").setLevel(logging.WARNING)
@@ -175,6 +193,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for path in args.data.split(",")
         if path
     ]
+    measured = time.strftime("%Y-%m-%d", time.gmtime())
+    for dataset in datasets:
+        for row in dataset["rows"]:
+            if "runs" in row:  # measured here (the published rows are quoted)
+                row["measured"] = measured
+    if args.merge and args.out.exists():
+        datasets = merged(json.loads(args.out.read_text())["datasets"], datasets)
     result = {"protocol": PROTOCOL, "datasets": datasets, "torch_threads": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")

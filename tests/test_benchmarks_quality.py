@@ -55,3 +55,17 @@ def test_ease_truncation_keeps_the_planted_clusters_only_with_enough_rank(tiny_d
 
     assert rank_16.ndcg > 0.9 * full.ndcg  # 6 planted clusters fit in 16 dimensions
     assert rank_2.ndcg < 0.75 * full.ndcg  # but not in 2
+
+
+def test_a_merged_rerun_replaces_only_its_own_rows_and_adds_new_datasets() -> None:
+    from benchmarks.quality import merged
+
+    earlier = [{"dataset": "a", "rows": [{"model": "softmax", "ndcg@10": 0.4}, {"model": "triplet", "ndcg@10": 0.2}]}]
+    now = [
+        {"dataset": "a", "rows": [{"model": "triplet", "ndcg@10": 0.3, "measured": "2026-12-02"}]},
+        {"dataset": "b", "rows": [{"model": "triplet", "ndcg@10": 0.1}]},
+    ]
+    out = merged(earlier, now)
+    assert [d["dataset"] for d in out] == ["a", "b"]
+    assert {r["model"]: r["ndcg@10"] for r in out[0]["rows"]} == {"softmax": 0.4, "triplet": 0.3}
+    assert out[1]["rows"] == now[1]["rows"]

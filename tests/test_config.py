@@ -33,6 +33,12 @@ def test_overrides_parse_text_by_type_and_leave_the_rest_alone() -> None:
     assert with_overrides(base, {"epochs": 5.0, "history_keep": 1}).epochs == 5  # whole numbers from a tuner
 
 
+def test_choosing_the_triplet_loss_brings_the_normalised_towers_it_needs_unless_told_otherwise() -> None:
+    assert with_overrides(TrainConfig(), {"loss": "triplet"}).tower.normalize is True
+    assert with_overrides(TrainConfig(), {"loss": "triplet", "normalize": "false"}).tower.normalize is False
+    assert with_overrides(TrainConfig(), {"loss": "softmax"}).tower.normalize is TrainConfig().tower.normalize
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [

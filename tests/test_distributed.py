@@ -63,6 +63,7 @@ def _merged(data: TrainingData, a: Batch, b: Batch) -> Batch:
         column_items=EncodedItems(data.items.ids[columns], {k: v[columns] for k, v in data.items.features.items()}),
         column=np.searchsorted(columns, positives),
         negative_column=None,
+        pool=np.concatenate([a.pool, b.pool]),
         owned=np.concatenate([a.owned, b.owned]),
         owned_row=np.concatenate([a.owned_row, b.owned_row + rows_a]),
         examples=a.examples + b.examples,

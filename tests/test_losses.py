@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.losses import NegativeSampler, bpr_loss, softmax_loss, triplet_loss
+from training.losses import NegativeSampler, bpr_loss, hard_triplet_loss, softmax_loss, triplet_loss
 from training.model import score
 
 
@@ -29,6 +29,24 @@ def test_triplet_loss_without_margin_accepts_a_tie_but_with_margin_does_not() ->
     users, tie = t([1.0, 1.0]), t([0.5, 0.5])
     assert triplet_loss(users, tie, tie, margin=0.0).item() == 0.0
     assert triplet_loss(users, tie, tie, margin=0.3).item() == pytest.approx(0.3)
+
+
+def test_hard_triplet_loss_holds_each_positive_against_its_rows_highest_scoring_allowed_negatives() -> None:
+    users = t([1.0, 0.0], [0.0, 2.0])
+    items = t([1.0, 0.0], [0.0, 1.0], [0.8, 0.6], [0.6, 0.8])  # unit vectors: |u| |v+| is |u|
+    owner, column = torch.tensor([0, 1]), torch.tensor([0, 1])  # row 0 owns column 0, row 1 column 1
+    # Row 0 scores columns (1, 0, 0.8, 0.6); its hardest two negatives are 0.8 and 0.6:
+    #   mean(max(0, 0.5 * 1 - 1 + 0.8), max(0, 0.5 - 1 + 0.6)) = mean(0.3, 0.1) = 0.2.
+    # Row 1 scores (0, 2, 1.2, 1.6); hardest 1.6 and 1.2 against margin 0.5 * 2 = 1:
+    #   mean(1 - 2 + 1.6, 1 - 2 + 1.2) = mean(0.6, 0.2) = 0.4.
+    loss = hard_triplet_loss(users, items, owner, column, margin=0.5, hardest=2)
+    assert loss.item() == pytest.approx((0.2 + 0.4) / 2)
+    # Columns outside the mining pool are never negatives: with only column 3 allowed, row 0 has 0.6 and -inf.
+    dead = torch.tensor([True, True, True, False])
+    pooled = hard_triplet_loss(users, items, owner, column, margin=0.5, hardest=2, dead=dead)
+    row0 = (0.1 + 0.0) / 2  # a missing second negative (-inf) costs nothing
+    row1 = (1 - 2 + 1.6 + 0.0) / 2
+    assert pooled.item() == pytest.approx((row0 + row1) / 2)
 
 
 def test_bpr_loss_matches_hand_computed_value() -> None:

@@ -20,8 +20,8 @@ from training.artifacts import ArtifactStore, LoadedModel
 from training.config import TrainConfig
 from training.dataset import Dataset, interactions_from_codes, split_random, synthetic
 from training.features import encode_item_frame, encode_users
-from training.model import embed_items, embed_users
-from training.train import Batches, TrainingData, fit
+from training.model import TwoTower, embed_items, embed_users
+from training.train import Batches, StepLoss, TrainingData, fit
 
 
 def test_model_beats_popularity_on_planted_data_by_a_clear_margin(trained_model: LoadedModel) -> None:
@@ -87,6 +87,23 @@ def test_steps_are_bounded_by_examples_and_a_heavy_user_by_its_cap() -> None:
     again = batches.make(0, step, steps[step])
     np.testing.assert_array_equal(again.users.history, drawn.users.history)
     np.testing.assert_array_equal(again.positives, drawn.positives)
+
+
+def test_the_triplet_mines_its_hard_negatives_only_from_the_uniform_pool() -> None:
+    dataset = synthetic(n_users=60, n_items=400, n_clusters=4, interactions_per_user=8, seed=2)
+    data = TrainingData(dataset, dataset.interactions)
+    config = TrainConfig(loss="triplet", batch_size=64, negative_pool=32)
+    batches = Batches(data, config, dataset.spec.max_history, world=1)
+    batch = batches.make(0, 0, batches.step_users(0)[0])
+    assert len(batch.pool) == 32 and set(batch.pool) <= set(batch.columns.tolist())
+    step = StepLoss(TwoTower(dataset.spec, data.vocabs, config.tower), config, data.item_counts)
+    items = torch.zeros(len(batch.columns), config.tower.dim)
+    columns = step._columns(batch, items, len(batch.positives))
+    assert columns.pool is not None and columns.log_q is None  # logQ corrects the softmax only
+    np.testing.assert_array_equal(columns.pool.numpy(), np.isin(batch.columns, batch.pool))
+    assert not columns.pool.all()  # the batch's positives outside the pool are not mined
+    unpooled = Batches(data, replace(config, negative_pool=0), dataset.spec.max_history, world=1)
+    assert len(unpooled.make(0, 0, unpooled.step_users(0)[0]).pool) == 0
 
 
 def test_unknown_user_with_a_cluster_history_gets_that_clusters_items(

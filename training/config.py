@@ -67,14 +67,21 @@ class TrainConfig:
         default=1.0, metadata={"help": "softmax temperature (unnormalised towers learn the scale in their embeddings)"}
     )
     margin: float = field(
-        default=0.1,
+        default=0.3,
         metadata={"help": "triplet: hinge margin (with hard_negatives: in units of |u| |v+|, i.e. of cosine)"},
     )
     hard_negatives: int = field(
-        default=10,
+        default=50,
         metadata={
-            "help": "triplet: the highest-scoring negatives among the batch's columns each positive is held against; "
+            "help": "triplet: the highest-scoring negatives of the mining pool each positive is held against; "
             "0: one negative drawn per positive"
+        },
+    )
+    negative_pool: int = field(
+        default=1024,
+        metadata={
+            "help": "triplet with hard_negatives: items drawn uniformly per step, the pool its hard negatives are "
+            "mined from; 0: mined among the batch's columns (drawn in proportion to popularity)"
         },
     )
     negatives: Literal["uniform", "popularity"] = field(
@@ -204,9 +211,17 @@ def parse_value(name: str, hint: Any, value: Any) -> Any:
     raise ConfigError(f"setting {name!r} takes {hint}, got {type(value).__name__} {value!r}")
 
 
+# What a loss needs beside it, applied when the loss is chosen and those settings are not: the triplet hinge's margin
+# is in units of cosine and its hard negatives are mined by score, so its towers L2-normalise (docs/loss.md).
+LOSS_SETTINGS: dict[str, dict[str, Any]] = {"triplet": {"normalize": True}}
+
+
 def with_overrides(config: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
-    """A copy of `config` with `values` (flat setting names, see `settable_fields`) applied; `ConfigError` for an
-    unknown name or a value its type cannot take."""
+    """A copy of `config` with `values` (flat setting names, see `settable_fields`) applied, and the settings the
+    chosen loss needs (`LOSS_SETTINGS`) where `values` does not give them; `ConfigError` for an unknown name or a
+    value its type cannot take."""
+    if "loss" in values:
+        values = {**LOSS_SETTINGS.get(str(values["loss"]), {}), **values}
     settings = settable_fields()
     unknown = sorted(set(values) - settings.keys())
     if unknown:

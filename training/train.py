@@ -140,6 +140,7 @@ class Batch:
     column_items: EncodedItems  # (C,) the columns, encoded (ids dropped to unknown at random)
     column: np.ndarray  # (T,) index of each positive in `columns`
     negative_column: np.ndarray | None  # (T,) bpr/triplet: the index of each positive's negative in `columns`
+    pool: np.ndarray  # (P,) catalog positions the triplet mines its hard negatives from (`negative_pool`)
     owned: np.ndarray  # (M,) catalog positions of all of the U users' training items ...
     owned_row: np.ndarray  # (M,) ... and the row each belongs to (accidental hits)
     examples: int  # items drawn into the step (history and positives)
@@ -211,11 +212,14 @@ class Batches:
             for k, v in data.users.features.items()
         }
         positives, owner = items[~keep], row_of[~keep]
-        negatives = np.zeros(0, np.int64)
+        negatives = pool = np.zeros(0, np.int64)
         if in_batch(config):
             # Columns: the batch's distinct positives, plus `uniform_negatives` items drawn uniformly from the items
             # seen in training (mixed negative sampling, Yang et al. 2020), each through the item tower once.
             extra = self.uniform.sample(config.uniform_negatives, rng) if config.uniform_negatives else negatives
+            if config.loss == "triplet" and config.negative_pool:
+                pool = self.uniform.sample(config.negative_pool, rng)
+                extra = np.concatenate([extra, pool])
         else:
             extra = negatives = self.sampler.sample(len(positives), rng)
         columns, inverse = np.unique(np.concatenate([positives, extra]), return_inverse=True)
@@ -229,6 +233,7 @@ class Batches:
             column_items=column_items,
             column=inverse[: len(positives)],
             negative_column=None if in_batch(config) else inverse[len(positives) :],
+            pool=pool,
             owned=owned,
             owned_row=owned_row,
             examples=len(items),
@@ -299,6 +304,7 @@ class _Columns:
     hits: tuple[torch.Tensor, torch.Tensor]  # (row, column) pairs of accidental hits
     dead: torch.Tensor | None  # (C_all,) copies of an item no row may use
     log_q: torch.Tensor | None  # (C_all,)
+    pool: torch.Tensor | None  # (C_all,) bool: the triplet's mining pool, where the recipe draws one
 
 
 class StepLoss(nn.Module):
@@ -343,7 +349,7 @@ class StepLoss(nn.Module):
                     config.margin,
                     config.hard_negatives,
                     hits=columns.hits,
-                    dead=columns.dead,
+                    dead=columns.dead if columns.pool is None else ~columns.pool,
                     reduction="sum",
                 )
             return loss * scale
@@ -375,15 +381,22 @@ class StepLoss(nn.Module):
         hit = unique[at] == batch.owned
         hits = (torch.from_numpy(batch.owned_row[hit]).to(device), torch.from_numpy(first[at[hit]]).to(device))
         log_q = None
-        if config.logq:
+        if config.logq and config.loss == "softmax":
             uniform_total = config.uniform_negatives * distributed.world()
             log_q = torch.from_numpy(self._log_q(codes, positives_total, uniform_total)).to(device)
+        pool = None
+        if config.loss == "triplet" and config.negative_pool:
+            # Any process's draw of an item puts its one live column in the pool (copies are dead).
+            drawn, _ = distributed.gather_array(batch.pool)
+            pool = np.zeros(len(codes), dtype=bool)
+            pool[first[np.isin(unique, drawn)]] = True
         return _Columns(
             all_items,
             torch.from_numpy(column).to(device),
             hits,
             torch.from_numpy(dead).to(device) if dead.any() else None,
             log_q,
+            torch.from_numpy(pool).to(device) if pool is not None else None,
         )
 
     def _log_q(self, columns: np.ndarray, positives: int, uniform: int) -> np.ndarray:
