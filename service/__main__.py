@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -21,9 +22,17 @@ from pathlib import Path
 ARTIFACTS_HELP = "artifacts root (default: $TWOTOWER_ARTIFACTS or ./artifacts)"
 
 
+def configure_logging(level: str) -> None:
+    """The service's own log lines (index swaps, store repairs, degraded Redis) to stderr at `level`: uvicorn
+    configures only its own loggers, so without this they would be dropped below WARNING."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def serve(args: argparse.Namespace) -> None:
     """Run `service.app:create_app` (as a factory) until interrupted."""
     import uvicorn
+
+    configure_logging(args.log_level)
 
     from training.artifacts import ArtifactError, ArtifactStore, load_vocabularies
 

@@ -116,6 +116,18 @@ def test_serve_and_load_features_are_handed_to_the_service() -> None:
         assert all(flag in done.stdout for flag in flags)
 
 
+def test_the_services_own_info_lines_reach_stderr_when_served() -> None:
+    # uvicorn sets up only its own loggers; a swap logged by the watcher must still show in `docker logs`.
+    code = (
+        "import logging; from service.__main__ import configure_logging; configure_logging('info'); "
+        "logging.getLogger('service.watcher').info('swapped to index idx-1'); "
+        "logging.getLogger('service.watcher').debug('not at info')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "INFO service.watcher: swapped to index idx-1" in done.stderr
+    assert "not at info" not in done.stderr
+
+
 def test_load_features_writes_the_active_models_users_into_redis(
     trained_model: LoadedModel, tmp_path: Path, redis_url: str
 ) -> None:
