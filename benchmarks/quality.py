@@ -117,17 +117,20 @@ def run(
         record("EASE (tuned)", seconds, full, seed=seed, params=lambdas)
         record(f"EASE rank {rank} (tuned)", seconds, truncated, seed=seed, params=lambdas)
 
-    rows = []
-    for name, runs in per_model.items():
-        row: dict[str, Any] = {"model": name, "seeds": [r["seed"] for r in runs]}
-        for metric in ("ndcg@10", "recall@10", "precision@10"):
-            values = np.array([r[metric] for r in runs])
-            row[metric], row[f"{metric}_std"] = float(values.mean()), float(values.std())
-        row["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
-        row["runs"] = runs
-        rows.append(row)
+    rows = [summary_row(name, runs) for name, runs in per_model.items()]
     rows.extend(PUBLISHED.get(dataset.name, []))
     return {"dataset": dataset.name, "description": dataset.describe(), "rows": rows}
+
+
+def summary_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table row: mean and std over the runs (one per split seed), and the runs themselves."""
+    row: dict[str, Any] = {"model": name, "seeds": [r["seed"] for r in runs]}
+    for metric in ("ndcg@10", "recall@10", "precision@10"):
+        values = np.array([r[metric] for r in runs])
+        row[metric], row[f"{metric}_std"] = float(values.mean()), float(values.std())
+    row["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
+    row["runs"] = runs
+    return row
 
 
 def table(result: dict[str, Any]) -> str:
@@ -148,16 +151,26 @@ def table(result: dict[str, Any]) -> str:
 
 
 def merged(earlier: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`earlier` datasets with `now`'s rows in place of theirs of the same model; datasets new in `now` appended."""
+    """`earlier` datasets with `now`'s rows merged in, by model: a row measured on other split seeds than the
+    earlier one adds its runs to it (the mean and std are then over all of them, and `measured` lists each run's
+    date); one sharing a seed with it replaces it. Datasets new in `now` are appended."""
     out = {d["dataset"]: d for d in earlier}
     for dataset in now:
         before = out.get(dataset["dataset"])
         if before is None:
             out[dataset["dataset"]] = dataset
             continue
-        names = {row["model"] for row in dataset["rows"]}
-        kept = [row for row in before["rows"] if row["model"] not in names]
-        out[dataset["dataset"]] = {**dataset, "rows": kept + dataset["rows"]}
+        rows = {row["model"]: row for row in before["rows"]}
+        for row in dataset["rows"]:
+            old = rows.get(row["model"])
+            if old is not None and "runs" in row and "runs" in old and not set(old["seeds"]) & set(row["seeds"]):
+                dated = [{"measured": old.get("measured"), **r} for r in old["runs"]]
+                runs = sorted(dated + [{"measured": row.get("measured"), **r} for r in row["runs"]],
+                              key=lambda r: r["seed"])  # fmt: skip
+                rows[row["model"]] = summary_row(row["model"], runs)
+            else:
+                rows[row["model"]] = row
+        out[dataset["dataset"]] = {**dataset, "rows": list(rows.values())}
     return list(out.values())
 
 
@@ -198,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for row in dataset["rows"]:
             if "runs" in row:  # measured here (the published rows are quoted)
                 row["measured"] = measured
+                for one in row["runs"]:
+                    one["measured"] = measured
     if args.merge and args.out.exists():
         datasets = merged(json.loads(args.out.read_text())["datasets"], datasets)
     result = {"protocol": PROTOCOL, "datasets": datasets, "torch_threads": torch.get_num_threads()}

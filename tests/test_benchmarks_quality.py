@@ -5,6 +5,7 @@ beside the two-tower mean nothing."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from benchmarks.peers import Ease, ease, matrix
 from training.dataset import Dataset, split_random, synthetic
@@ -69,3 +70,20 @@ def test_a_merged_rerun_replaces_only_its_own_rows_and_adds_new_datasets() -> No
     assert [d["dataset"] for d in out] == ["a", "b"]
     assert {r["model"]: r["ndcg@10"] for r in out[0]["rows"]} == {"softmax": 0.4, "triplet": 0.3}
     assert out[1]["rows"] == now[1]["rows"]
+
+
+def test_a_merged_run_on_other_seeds_adds_its_runs_to_the_row() -> None:
+    from benchmarks.quality import merged, summary_row
+
+    def run(seed: int, ndcg: float) -> dict[str, float]:
+        return {"seed": seed, "ndcg@10": ndcg, "recall@10": ndcg / 2, "precision@10": ndcg / 3, "train_seconds": 1.0}
+
+    earlier = [{"dataset": "a", "rows": [summary_row("ALS", [run(0, 0.2)])]}]
+    later = summary_row("ALS", [run(1, 0.3), run(2, 0.4)])
+    [dataset] = merged(earlier, [{"dataset": "a", "rows": [later]}])
+    [row] = dataset["rows"]
+    assert row["seeds"] == [0, 1, 2] and row["ndcg@10"] == pytest.approx(0.3)
+    assert row["ndcg@10_std"] == pytest.approx(np.std([0.2, 0.3, 0.4]))
+    again = summary_row("ALS", [run(1, 0.35)])  # a seed it has: the rerun replaces the row
+    [dataset] = merged([dataset], [{"dataset": "a", "rows": [again]}])
+    assert dataset["rows"][0]["seeds"] == [1]
