@@ -177,8 +177,8 @@ class Retrainer:
             record = json.loads(summary)
         except ValueError:
             record = {"error": done.stderr[-500:]}
-        kept = ("published", "reason", "gate_events", "gate_ndcg", "previous_gate_ndcg", "popularity_gate_ndcg",
-                "warm_start")  # fmt: skip
+        kept = ("published", "reason", "gate_events", "gate_users", "gate_ndcg", "previous_gate_ndcg",
+                "popularity_gate_ndcg", "warm_start")  # fmt: skip
         self.runs.append({"at_event": at, "seconds": round(time.perf_counter() - started, 1),
                           "exit": done.returncode, **{k: record.get(k) for k in kept}})  # fmt: skip
         log(f"  retrain at event {at}: {self.runs[-1]['reason'] or record.get('error')}")

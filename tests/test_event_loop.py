@@ -158,7 +158,8 @@ def test_retrain_publishes_a_model_with_the_new_items_and_refuses_one_below_the_
     assert done.published, done.reason
     assert done.warm_start and done.export["exported"] == 40
     # The newest 20% of the events judged both models and were kept out of the new one's training.
-    assert done.gate_events == 8 and done.gate_ndcg is not None and done.previous_gate_ndcg is not None
+    assert (done.gate_events, done.gate_users) == (8, 8) and "(8 users)" in done.reason
+    assert done.gate_ndcg is not None and done.previous_gate_ndcg is not None
     published = load_model(store.model_dir(str(done.model_version)))
     assert published.manifest["training"][EVENTS_SEEN] == 32
     assert published.manifest["metrics"]["test"]["users"] == 8

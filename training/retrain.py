@@ -55,6 +55,7 @@ class RetrainResult:
     index_version: str | None = None
     previous_model: str | None = None
     gate_events: int = 0
+    gate_users: int = 0  # whose held-out events they are: the gate's sample size, which sets its noise
     gate_ndcg: float | None = None  # the new model's NDCG@10 on the held-out events
     previous_gate_ndcg: float | None = None  # the active model's, on the same events with the same histories
     popularity_gate_ndcg: float | None = None  # the floor: the training counts as scores
@@ -146,15 +147,15 @@ def retrain(
     else:
         assert previous is not None
         test = dataset.interactions.take(held_out)
-        result.gate_events = len(test)
+        result.gate_events, result.gate_users = len(test), int(model.manifest["metrics"]["test"]["users"])
         result.gate_ndcg = model.manifest["metrics"]["test"]["ndcg@10"]
         result.popularity_gate_ndcg = model.manifest["metrics"]["test_popularity"]["ndcg@10"]
         result.previous_gate_ndcg = evaluate(previous.model, dataset, dataset.interactions.take(~held_out), test).ndcg
         if result.gate_ndcg < result.previous_gate_ndcg - tolerance:
             result.reason = (
                 f"model {model.version} not published: NDCG@10 {result.gate_ndcg:.4f} on the newest "
-                f"{result.gate_events} events is more than {tolerance} below the active model "
-                f"{previous.version}'s {result.previous_gate_ndcg:.4f} on the same events"
+                f"{result.gate_events} events ({result.gate_users} users) is more than {tolerance} below the active "
+                f"model {previous.version}'s {result.previous_gate_ndcg:.4f} on the same events"
             )
             return result
     started = time.perf_counter()
@@ -164,7 +165,8 @@ def retrain(
     seconds["reindex"] = time.perf_counter() - started
     result.published = True
     result.reason = f"model {model.version} published as index {result.index_version}" + (
-        f": NDCG@10 {result.gate_ndcg:.4f} on the newest {result.gate_events} events, the active model "
+        f": NDCG@10 {result.gate_ndcg:.4f} on the newest {result.gate_events} events ({result.gate_users} users), "
+        f"the active model "
         f"{previous.version} {result.previous_gate_ndcg:.4f}, popularity {result.popularity_gate_ndcg:.4f}"
         if previous is not None and result.gate_ndcg is not None
         else " (the first model)"
