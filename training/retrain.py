@@ -166,8 +166,8 @@ def retrain(
     result.published = True
     result.reason = f"model {model.version} published as index {result.index_version}" + (
         f": NDCG@10 {result.gate_ndcg:.4f} on the newest {result.gate_events} events ({result.gate_users} users), "
-        f"the active model "
-        f"{previous.version} {result.previous_gate_ndcg:.4f}, popularity {result.popularity_gate_ndcg:.4f}"
+        f"the active model {previous.version} {result.previous_gate_ndcg:.4f}, popularity "
+        f"{result.popularity_gate_ndcg:.4f}"
         if previous is not None and result.gate_ndcg is not None
         else " (the first model)"
     )
