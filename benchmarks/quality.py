@@ -151,9 +151,9 @@ def table(result: dict[str, Any]) -> str:
 
 
 def merged(earlier: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`earlier` datasets with `now`'s rows merged in, by model: a row measured on other split seeds than the
-    earlier one adds its runs to it (the mean and std are then over all of them, and `measured` lists each run's
-    date); one sharing a seed with it replaces it. Datasets new in `now` are appended."""
+    """`earlier` datasets with `now`'s rows merged in, by model and split seed: a rerun seed replaces that seed's run,
+    other seeds keep theirs, and the mean and std are over all of them (each run says when it was measured; the row,
+    every date it holds). Datasets new in `now` are appended."""
     out = {d["dataset"]: d for d in earlier}
     for dataset in now:
         before = out.get(dataset["dataset"])
@@ -163,13 +163,14 @@ def merged(earlier: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[dic
         rows = {row["model"]: row for row in before["rows"]}
         for row in dataset["rows"]:
             old = rows.get(row["model"])
-            if old is not None and "runs" in row and "runs" in old and not set(old["seeds"]) & set(row["seeds"]):
-                dated = [{"measured": old.get("measured"), **r} for r in old["runs"]]
-                runs = sorted(dated + [{"measured": row.get("measured"), **r} for r in row["runs"]],
-                              key=lambda r: r["seed"])  # fmt: skip
-                rows[row["model"]] = summary_row(row["model"], runs)
-            else:
+            if old is None or "runs" not in row or "runs" not in old:
                 rows[row["model"]] = row
+                continue
+            rerun = set(row["seeds"])
+            kept = [{"measured": old.get("measured"), **r} for r in old["runs"] if r["seed"] not in rerun]
+            runs = sorted(kept + row["runs"], key=lambda r: r["seed"])
+            rows[row["model"]] = {**summary_row(row["model"], runs),
+                                  "measured": ", ".join(sorted({str(r.get("measured")) for r in runs}))}  # fmt: skip
         out[dataset["dataset"]] = {**dataset, "rows": list(rows.values())}
     return list(out.values())
 

@@ -84,6 +84,7 @@ def test_a_merged_run_on_other_seeds_adds_its_runs_to_the_row() -> None:
     [row] = dataset["rows"]
     assert row["seeds"] == [0, 1, 2] and row["ndcg@10"] == pytest.approx(0.3)
     assert row["ndcg@10_std"] == pytest.approx(np.std([0.2, 0.3, 0.4]))
-    again = summary_row("ALS", [run(1, 0.35)])  # a seed it has: the rerun replaces the row
+    again = summary_row("ALS", [run(1, 0.5)])  # a seed it has: the rerun replaces that seed's run only
     [dataset] = merged([dataset], [{"dataset": "a", "rows": [again]}])
-    assert dataset["rows"][0]["seeds"] == [1]
+    [row] = dataset["rows"]
+    assert row["seeds"] == [0, 1, 2] and row["ndcg@10"] == pytest.approx((0.2 + 0.5 + 0.4) / 3)

@@ -26,20 +26,25 @@ from training.train import Batch, Batches, StepLoss, TrainingData
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = TrainConfig(id_dropout=0.0, uniform_negatives=3, tower=TowerConfig(dim=8), seed=5)
+# The losses that score against every process's columns: the softmax, and the triplet mining a pool each process
+# draws part of.
+NORMALIZED = replace(CONFIG.tower, normalize=True)
+TRIPLET = replace(CONFIG, loss="triplet", negative_pool=8, hard_negatives=3, tower=NORMALIZED)
+CONFIGS = {"softmax": CONFIG, "triplet": TRIPLET}
 
 
-def _setup() -> tuple[Dataset, TrainingData, list[Batch]]:
+def _setup(config: TrainConfig = CONFIG) -> tuple[Dataset, TrainingData, list[Batch]]:
     """Two batches of different users of one tiny dataset (overlapping items, as real shards have)."""
     dataset = synthetic(n_users=40, n_items=30, n_clusters=3, interactions_per_user=6, seed=4)
     data = TrainingData(dataset, dataset.interactions)
-    batches = Batches(data, CONFIG, dataset.spec.max_history, world=1)
+    batches = Batches(data, config, dataset.spec.max_history, world=1)
     rows = np.arange(len(data))
     return dataset, data, [batches.make(0, half, rows[half::2]) for half in (0, 1)]
 
 
-def _model(dataset: Dataset, data: TrainingData) -> TwoTower:
+def _model(dataset: Dataset, data: TrainingData, config: TrainConfig = CONFIG) -> TwoTower:
     torch.manual_seed(0)
-    model = TwoTower(dataset.spec, data.vocabs, CONFIG.tower)
+    model = TwoTower(dataset.spec, data.vocabs, config.tower)
     with torch.no_grad():  # not the tiny init: gradients large enough to compare
         for parameter in model.parameters():
             parameter.normal_(0, 0.3)
@@ -78,7 +83,7 @@ def _gradients(model: TwoTower) -> dict[str, np.ndarray]:
     }
 
 
-def _rank_gradients(rank: int, port: int, out: str) -> None:
+def _rank_gradients(rank: int, port: int, out: str, loss: str) -> None:
     os.environ.update(
         {
             "MASTER_ADDR": "127.0.0.1",
@@ -91,11 +96,12 @@ def _rank_gradients(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     distributed.start(torch.device("cpu"))
     try:
-        dataset, data, halves = _setup()
-        model = _model(dataset, data)
+        config = CONFIGS[loss]
+        dataset, data, halves = _setup(config)
+        model = _model(dataset, data, config)
         for name in ("user_tower.history", "item_tower.item_id"):
             dict(model.named_modules())[name].sparse = True
-        step = torch.nn.parallel.DistributedDataParallel(StepLoss(model, CONFIG, data.item_counts))
+        step = torch.nn.parallel.DistributedDataParallel(StepLoss(model, config, data.item_counts))
         step(halves[rank]).backward()
         np.savez(f"{out}-{rank}.npz", **_gradients(model))
         del step  # the DDP wrapper goes before its process group
@@ -108,16 +114,18 @@ def _rank_gradients(rank: int, port: int, out: str) -> None:
     os._exit(0)
 
 
-def test_gathered_columns_give_the_gradients_of_one_process_holding_both_halves(tmp_path: Path) -> None:
-    dataset, data, (a, b) = _setup()
+@pytest.mark.parametrize("loss", sorted(CONFIGS))
+def test_gathered_columns_give_the_gradients_of_one_process_holding_both_halves(tmp_path: Path, loss: str) -> None:
+    config = CONFIGS[loss]
+    dataset, data, (a, b) = _setup(config)
     assert set(a.columns.tolist()) & set(b.columns.tolist()), "the halves share items: duplicates must be handled"
-    model = _model(dataset, data)
+    model = _model(dataset, data, config)
     # Both halves drew their own uniform negatives: the one process holding them all has twice the draws.
-    both = replace(CONFIG, uniform_negatives=2 * CONFIG.uniform_negatives)
+    both = replace(config, uniform_negatives=2 * config.uniform_negatives)
     StepLoss(model, both, data.item_counts)(_merged(data, a, b)).backward()
     expected = _gradients(model)
 
-    mp.spawn(_rank_gradients, args=(free_port(), str(tmp_path / "grads")), nprocs=2, join=True)
+    mp.spawn(_rank_gradients, args=(free_port(), str(tmp_path / "grads"), loss), nprocs=2, join=True)
     for rank in (0, 1):
         got = dict(np.load(tmp_path / f"grads-{rank}.npz"))
         assert got.keys() == expected.keys()

@@ -179,24 +179,33 @@ def test_retrain_publishes_a_model_with_the_new_items_and_refuses_one_below_the_
     refused = retrain(  # a gate none passes
         tiny_dataset, store, redis_url, prefix, progress=False, min_gate_events=5, tolerance=-1.0
     )
-    assert not refused.published and "not published" in refused.reason and refused.gate_events == 10
+    assert not refused.published and "not published" in refused.reason and refused.gate_events == 9
     assert store.active_index() == done.index_version
+    with pytest.raises(ValueError, match="at least 1"):
+        retrain(tiny_dataset, store, redis_url, prefix, progress=False, min_gate_events=0)
 
 
-def test_the_gate_holds_out_exactly_the_newest_events(tiny_dataset: Dataset) -> None:
+def test_the_gate_holds_out_the_newest_events_except_pairs_seen_before(tiny_dataset: Dataset) -> None:
     base = tiny_dataset.interactions
+    first_user, first_item = str(base.user_ids[base.user[0]]), str(base.item_ids[base.item[0]])
     events = pd.DataFrame(
         {
-            "user_id": [str(base.user_ids[0]), str(base.user_ids[1]), "new-user"],
-            "item_id": [str(base.item_ids[0]), "new-item", str(base.item_ids[2])],
-            "timestamp": [3e9 + 0.7, 3e9 + 1, 3e9 + 2],
+            "user_id": [str(base.user_ids[0]), str(base.user_ids[1]), "new-user", first_user, "new-user"],
+            "item_id": [str(base.item_ids[0]), "new-item", str(base.item_ids[2]), first_item, "new-item"],
+            # the fourth repeats a base pair, with a clock behind the base's
+            "timestamp": [3e9 + 0.7, 3e9 + 1, 3e9 + 2, float(base.timestamp[0]) - 5, 3e9 + 3],
         }
     )
     merged = with_events(tiny_dataset, events["user_id"], events["item_id"], events["timestamp"])
-    held = held_out_rows(merged, events.iloc[1:])
+    held = held_out_rows(tiny_dataset, merged, events, first=1)
     rows = merged.interactions.take(held)
-    assert held.sum() == 2
     assert set(zip(rows.user_ids[rows.user], rows.item_ids[rows.item], strict=True)) == {
         (str(base.user_ids[1]), "new-item"),
         ("new-user", str(base.item_ids[2])),
+        ("new-user", "new-item"),
     }
+    assert held.sum() == 3
+    # A pair first logged before the held-out events is not held out either.
+    again = pd.concat([events, events.iloc[[1]].assign(timestamp=3e9 + 9)], ignore_index=True)
+    merged = with_events(tiny_dataset, again["user_id"], again["item_id"], again["timestamp"])
+    assert held_out_rows(tiny_dataset, merged, again, first=5).sum() == 0

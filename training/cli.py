@@ -44,7 +44,9 @@ def _artifacts(args: argparse.Namespace) -> Path:
     return args.artifacts or Path(os.environ.get("TWOTOWER_ARTIFACTS", DEFAULT_ARTIFACTS))
 
 
-def _dataset(args: argparse.Namespace, seed: int) -> Dataset:
+def _dataset(args: argparse.Namespace, seed: int, record: dict[str, Any] | None = None) -> Dataset:
+    """--data (or the synthetic data) plus --events where given; `record` gets the number of exported events read
+    (the model's `events_seen`, so `retrain` knows which later events are new to it)."""
     from training.data import load_dataset
     from training.dataset import synthetic
     from training.dataset_cache import default_cache_dir
@@ -58,21 +60,14 @@ def _dataset(args: argparse.Namespace, seed: int) -> Dataset:
     if getattr(args, "events", None):
         from training.dataset import with_events
         from training.event_export import read_events
+        from training.retrain import EVENTS_SEEN
 
         events = read_events(args.events)
         dataset = with_events(dataset, events["user_id"], events["item_id"], events["timestamp"])
+        if record is not None:
+            record[EVENTS_SEEN] = len(events)
         log.info("with %d exported events from %s: %s", len(events), args.events, dataset.describe())
     return dataset
-
-
-def _events_record(args: argparse.Namespace) -> dict[str, int]:
-    """The manifest's note of the exported events a model had as data, so `retrain` knows which are new to it."""
-    if not getattr(args, "events", None):
-        return {}
-    from training.event_export import exported_count
-    from training.retrain import EVENTS_SEEN
-
-    return {EVENTS_SEEN: exported_count(args.events)}
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -135,9 +130,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     main = distributed.is_main()
     try:
         # Rank 0 reads (and caches) the data first; the other ranks then read the cached arrays.
-        dataset = _dataset(args, config.seed) if main else None
+        record: dict[str, Any] = {}
+        dataset = _dataset(args, config.seed, record) if main else None
         distributed.barrier()
-        dataset = dataset if dataset is not None else _dataset(args, config.seed)
+        dataset = dataset if dataset is not None else _dataset(args, config.seed, record)
         store = ArtifactStore(_artifacts(args))
         tuning = Tuning(args.tune, args.tune_seconds, args.tune_storage) if args.tune is not None else None
         warm_from = None
@@ -153,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             progress=not args.quiet,
             tuning=tuning,
             warm_from=warm_from,
-            record=_events_record(args),
+            record=record,
         )
     finally:
         distributed.stop()
@@ -222,6 +218,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     training = loaded.manifest["training"]
     seed, holdout = training["seed"], training["holdout"]
     # Only the split the model was trained on is a fair test: any other split puts training rows in the test set.
+    if training.get("held_out_rows"):
+        raise CommandError(
+            f"model {loaded.version} was tested on the newest events of its retrain, not on a random split that "
+            "could be drawn again: its test metrics are in its metrics.json"
+        )
     if not holdout:
         raise CommandError(f"model {loaded.version} was trained on every row (holdout 0): it has no test split")
     dataset = _dataset(args, seed)

@@ -80,8 +80,8 @@ class TrainConfig:
     negative_pool: int = field(
         default=1024,
         metadata={
-            "help": "triplet with hard_negatives: items drawn uniformly per step, the pool its hard negatives are "
-            "mined from; 0: mined among the batch's columns (drawn in proportion to popularity)"
+            "help": "triplet with hard_negatives: items drawn uniformly per step (split over the processes), the "
+            "pool its hard negatives are mined from; 0: mined among the batch's columns (drawn by popularity)"
         },
     )
     negatives: Literal["uniform", "popularity"] = field(

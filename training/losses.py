@@ -46,9 +46,9 @@ def hard_triplet_loss(
     scores highest (mined, not drawn: a random negative is usually already far below the positive and teaches
     nothing), with a margin scaled to the embeddings' norms: per positive t of row u and each hard negative v-,
     max(0, margin |u| |v+| - dot(u, v+) + dot(u, v-)), averaged over the negatives. A row's own items and
-    accidental hits (`hits`) and `dead` columns are never its negatives; the trainer passes every column outside
-    its uniformly drawn mining pool as dead, so that popular items, which fill the batch as positives, are not
-    pushed down for being common. users: (U, D); items: (C, D); owner, column: (T,)."""
+    accidental hits (`hits`) and `dead` columns are never its negatives. With a mining pool (`negative_pool`), the
+    trainer passes every column outside it as dead, so that popular items, which fill the batch as positives, are
+    not pushed down for being common. users: (U, D); items: (C, D); owner, column: (T,)."""
     scores = users @ items.T  # (U, C)
     minus_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
     masked = scores.index_put((owner, column), minus_inf)

@@ -3,8 +3,8 @@ plus the exported events, and re-index and publish only a model that is not wors
 
     export   `training.event_export`: the log into Parquet partitions under `<artifacts>/events/`
     hold out the newest `GATE_SHARE` of the events the active model has not had as data (its manifest records how
-             many exported events, oldest first, it had: `EVENTS_SEEN`); fewer than `min_gate_events` of them and
-             nothing is trained (there is too little new to judge a model on)
+             many exported events, oldest first, it had: `EVENTS_SEEN`), less pairs seen before them; fewer than
+             `min_gate_events` of them and nothing is trained (there is too little new to judge a model on)
     train    the base data with the other events (`training.dataset.with_events`: new users and items join), the
              active model's recipe unless told otherwise, warm-started from the active model's weights where the
              towers match (`training.warm_start`); validation for early stopping is carved from these rows
@@ -67,18 +67,35 @@ class RetrainResult:
         return dict(self.__dict__)
 
 
-def held_out_rows(dataset: Dataset, events: pd.DataFrame) -> np.ndarray:
-    """Boolean mask of `dataset.interactions`: the rows that are `events` (user, item and whole-second timestamp,
-    as `with_events` merged them; a pair seen again keeps its latest row, which is the held-out one)."""
+def held_out_rows(base: Dataset, dataset: Dataset, events: pd.DataFrame, first: int) -> np.ndarray:
+    """Boolean mask of `dataset.interactions` (`base` plus `events`, merged by `with_events`): the rows of the events
+    from position `first` on, less the pairs seen before them (in `base` or an earlier event). A repeated (user,
+    item) would be judged against a model that trained on it and a model that did not, and `with_events` keeps only
+    one row of it, so it is not held out; a row is matched by its pair and whole-second timestamp."""
     rows = dataset.interactions
-    held = pd.MultiIndex.from_arrays(
-        [
-            pd.Index(rows.user_ids, dtype=object).get_indexer(pd.Index(events["user_id"], dtype=object)),
-            pd.Index(rows.item_ids, dtype=object).get_indexer(pd.Index(events["item_id"], dtype=object)),
-            np.floor(events["timestamp"].to_numpy(np.float64)).astype(np.int64),
-        ]
+    users, items = pd.Index(rows.user_ids, dtype=object), pd.Index(rows.item_ids, dtype=object)
+    width = np.int64(len(items))
+
+    def keys(user: np.ndarray, item: np.ndarray) -> np.ndarray:
+        return user.astype(np.int64) * width + item.astype(np.int64)
+
+    known = base.interactions
+    before = keys(
+        users.get_indexer(pd.Index(known.user_ids, dtype=object))[known.user],
+        items.get_indexer(pd.Index(known.item_ids, dtype=object))[known.item],
     )
-    return pd.MultiIndex.from_arrays([rows.user, rows.item, rows.timestamp]).isin(held)
+    logged = keys(
+        users.get_indexer(pd.Index(events["user_id"], dtype=object)),
+        items.get_indexer(pd.Index(events["item_id"], dtype=object)),
+    )
+    late, stamps = logged[first:], np.floor(events["timestamp"].to_numpy(np.float64)[first:]).astype(np.int64)
+    fresh = ~np.isin(late, np.concatenate([before, logged[:first]]))
+    held = np.zeros(len(rows), dtype=bool)
+    if fresh.any():
+        start = int(np.searchsorted(rows.timestamp, stamps[fresh].min()))  # rows are in time order
+        candidates = pd.MultiIndex.from_arrays([keys(rows.user[start:], rows.item[start:]), rows.timestamp[start:]])
+        held[start:] = candidates.isin(pd.MultiIndex.from_arrays([late[fresh], stamps[fresh]]))
+    return held
 
 
 def retrain(
@@ -95,6 +112,8 @@ def retrain(
     progress: bool = True,
 ) -> RetrainResult:
     """Export, hold out, train, gate and publish (module docstring)."""
+    if min_gate_events < 1:
+        raise ValueError(f"min_gate_events is at least 1 (got {min_gate_events}): a gate needs events to judge on")
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     events_dir = events_dir or store.root / "events"
@@ -121,8 +140,13 @@ def retrain(
     )
 
     events = read_events(events_dir) if exported.cursor is not None else pd.DataFrame(columns=list(SCHEMA.names))
-    seen = min(int(previous.manifest["training"].get(EVENTS_SEEN, 0)), len(events)) if previous is not None else 0
-    gate_events = round(GATE_SHARE * (len(events) - seen)) if previous is not None else 0
+    seen = 0
+    if previous is not None:
+        if EVENTS_SEEN not in previous.manifest["training"]:
+            log.warning("model %s records no %s: every exported event counts as new to it", previous.version,
+                        EVENTS_SEEN)  # fmt: skip
+        seen = min(int(previous.manifest["training"].get(EVENTS_SEEN, 0)), len(events))
+    gate_events = math.floor(GATE_SHARE * (len(events) - seen)) if previous is not None else 0
     if previous is not None and gate_events < min_gate_events:
         result.reason = (
             f"nothing trained: {len(events) - seen} events are new to the active model {previous.version}; a retrain "
@@ -131,7 +155,15 @@ def retrain(
         )
         return result
     dataset = base if not len(events) else with_events(base, events["user_id"], events["item_id"], events["timestamp"])
-    held_out = held_out_rows(dataset, events.iloc[len(events) - gate_events :]) if gate_events else None
+    held_out = None
+    if previous is not None:
+        held_out = held_out_rows(base, dataset, events, len(events) - gate_events)
+        if held_out.sum() < min_gate_events:
+            result.reason = (
+                f"nothing trained: of the newest {gate_events} events, {int(held_out.sum())} are (user, item) pairs "
+                f"not seen before, and the gate judges on those only; it needs {min_gate_events}"
+            )
+            return result
     started = time.perf_counter()
     model_dir = train_and_save(dataset, store, config, holdout=0.0, progress=progress, warm_from=warm_from,
                                held_out=held_out, record={EVENTS_SEEN: len(events) - gate_events})  # fmt: skip

@@ -162,6 +162,7 @@ class Batches:
         counts = data.item_counts
         self.sampler = NegativeSampler(counts, config.negatives)
         self.uniform = NegativeSampler(counts, "uniform")
+        self.pool_per_process = math.ceil(config.negative_pool / world)
         capped = np.minimum(data.lengths, config.max_user_items)
         self.examples_per_epoch = int(capped[data.rows].sum())
         # The same number of steps on every rank (each step is a collective), from the total over all users.
@@ -218,7 +219,7 @@ class Batches:
             # seen in training (mixed negative sampling, Yang et al. 2020), each through the item tower once.
             extra = self.uniform.sample(config.uniform_negatives, rng) if config.uniform_negatives else negatives
             if config.loss == "triplet" and config.negative_pool:
-                pool = self.uniform.sample(config.negative_pool, rng)
+                pool = self.uniform.sample(self.pool_per_process, rng)  # the processes' draws make one pool
                 extra = np.concatenate([extra, pool])
         else:
             extra = negatives = self.sampler.sample(len(positives), rng)
@@ -830,9 +831,9 @@ def train_and_save(
     `dataset.interactions`, the test set instead of a random `holdout` share (the retrain gate's newest events).
     `record`: more fields for the manifest's training record."""
     started = time.perf_counter()
-    if held_out is not None:
+    if held_out is not None:  # recorded as held_out_rows: `twotower evaluate` cannot redraw it as a random split
         train, test = dataset.interactions.take(~held_out), dataset.interactions.take(held_out)
-        holdout = round(float(np.mean(held_out)), 6) if len(held_out) else 0.0
+        holdout, record = 0.0, {**(record or {}), "held_out_rows": int(held_out.sum())}
     else:
         train, test = training_split(dataset, holdout, config.seed)
     searched: dict[str, Any] | None = None
