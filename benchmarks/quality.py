@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     parser.add_argument(
-        "--merge", action="store_true", help="keep --out's other rows: this run's rows replace those of the same "
-        "model and dataset (each row says when it was measured; peers rerun here stay beside the rows they judge)",
+        "--merge", action="store_true", help="merge into --out: this run's seeds replace those seeds' runs of the "
+        "same model and dataset, other rows and seeds stay (each run says when it was measured; see `merged`)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
