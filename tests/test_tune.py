@@ -13,7 +13,7 @@ from tests.helpers import TINY_CONFIG
 from training.artifacts import ArtifactStore, load_model
 from training.dataset import Dataset, split_random
 from training.train import Tuning, fit, train_and_save
-from training.tune import SEARCH_SPACE, search, storage_for, study_name
+from training.tune import SEARCH_SPACE, search, starting_point, storage_for, study_name
 
 BAD = replace(TINY_CONFIG, lr=1e-5, epochs=6, eval_every=2, patience=3)  # learns next to nothing in 6 epochs
 SPACE = {"lr": SEARCH_SPACE["lr"], "history_keep": SEARCH_SPACE["history_keep"]}
@@ -48,6 +48,30 @@ def test_the_search_beats_a_bad_start_and_shares_its_study(tiny_dataset: Dataset
         space=SPACE,
     )
     assert len(again.trials) == 6  # another process naming the same study adds to it
+
+
+def test_a_new_study_first_tries_the_recipe_it_tunes(tiny_dataset: Dataset, tmp_path: Path) -> None:
+    start = replace(BAD, lr=2e-3, history_keep=0.4)  # inside the searched ranges
+    train, _ = split_random(tiny_dataset.interactions, 0.2, seed=start.seed)
+    curves = fit(tiny_dataset, train, replace(start, refit="never"), progress=False).curves
+    untuned = max(c["val_ndcg@10"] for c in curves)
+    journal = tmp_path / "study.journal"
+    storage = storage_for(str(journal), journal)
+    study = search(tiny_dataset, train, start, trials=2, seconds=None, storage=storage, name="s", space=SPACE)
+    first = study.trials[0]
+    assert first.params == {"lr": 2e-3, "history_keep": 0.4}
+    assert first.value == pytest.approx(untuned)
+    assert study.best_value >= untuned
+    again = search(tiny_dataset, train, start, trials=1, seconds=None, storage=storage, name="s", space=SPACE)
+    assert [t.params for t in again.trials].count(first.params) == 1  # a study that has trials is not restarted
+
+
+def test_the_starting_point_lies_inside_the_space() -> None:
+    point = starting_point(replace(BAD, weight_decay=0.0, tower=replace(BAD.tower, dim=48)))
+    assert point["weight_decay"] == SEARCH_SPACE["weight_decay"][1]  # a log range holds no 0
+    assert point["lr"] == SEARCH_SPACE["lr"][1]  # BAD's 1e-5 is below the range
+    assert "dim" not in point  # 48 is not offered: the sampler picks
+    assert point["combine"] == BAD.tower.combine and point["history_keep"] == BAD.history_keep
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -214,6 +214,13 @@ def parse_value(name: str, hint: Any, value: Any) -> Any:
 # What a loss needs beside it, applied when the loss is chosen and those settings are not: the triplet hinge's margin
 # is in units of cosine and its hard negatives are mined by score, so its towers L2-normalise (docs/loss.md).
 LOSS_SETTINGS: dict[str, dict[str, Any]] = {"triplet": {"normalize": True}}
+
+
+def values_of(config: TrainConfig, names: Iterable[str]) -> dict[str, Any]:
+    """The settings `names` (flat names, see `settable_fields`) as `config` holds them: the inverse of
+    `with_overrides`."""
+    settings = settable_fields()
+    return {name: getattr(config.tower if settings[name].owner is TowerConfig else config, name) for name in names}
 
 
 def with_overrides(config: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:

@@ -3,9 +3,10 @@ bounded by trials and by seconds, whose best settings then train the final model
 
 A trial is `training.train.fit` with a sampled recipe on the fit rows, scored by its best validation NDCG@10 (the
 test rows are never seen); it reports every validation pass, and the pruner stops one that falls below the median
-of earlier trials at the same epoch. `SEARCH_SPACE` covers what moves quality on the development datasets
-(docs/loss.md): learning rate, history fraction, temperature, dropouts, user features on or off, how a tower
-combines its parts, embedding size and weight decay; epochs are left to early stopping.
+of earlier trials at the same epoch. A new study's first trial is the recipe being tuned (`starting_point`), so
+what the search picks is never below it on validation. `SEARCH_SPACE` covers what moves quality on the development
+datasets (docs/loss.md): learning rate, history fraction, temperature, dropouts, user features on or off, how a
+tower combines its parts, embedding size and weight decay; epochs are left to early stopping.
 
 The study lives in Optuna's own storage, so several processes or machines can share it: a journal file (default
 `<artifacts>/tuning/<study>.journal`; on a shared file system for several machines) or Redis (`redis://...`, e.g.
@@ -28,7 +29,7 @@ from typing import Any
 
 import optuna
 
-from training.config import TrainConfig, with_overrides
+from training.config import TrainConfig, values_of, with_overrides
 from training.dataset import Dataset, Interactions
 from training.train import fit
 
@@ -46,7 +47,9 @@ SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
     "combine": ("categorical", "sum", "mlp"),
     "dim": ("categorical", 32, 64, 128),
 }
-# Trials before the pruner may stop one, and validation passes a trial always gets.
+# Trials before the pruner may stop one and before TPE samples from its model (Optuna's default, 10, would keep a
+# search of a few trials, what a time budget buys on a larger dataset, random throughout), and validation passes a
+# trial always gets.
 STARTUP_TRIALS = 5
 WARMUP_PASSES = 2
 
@@ -86,6 +89,18 @@ def suggest(trial: optuna.Trial, space: Mapping[str, tuple[Any, ...]] = SEARCH_S
     return values
 
 
+def starting_point(base: TrainConfig, space: Mapping[str, tuple[Any, ...]] = SEARCH_SPACE) -> dict[str, Any]:
+    """`base`'s values of the searched settings, each brought inside its range (a weight decay of 0 becomes the
+    range's 1e-6: a log-scaled range holds no 0); a choice the space does not offer is left for the sampler."""
+    values = values_of(base, space)
+    for name, (kind, *spec) in space.items():
+        if kind == "float":
+            values[name] = min(max(float(values[name]), spec[0]), spec[1])
+        elif values[name] not in spec:
+            del values[name]
+    return values
+
+
 def search(
     dataset: Dataset,
     train: Interactions,
@@ -106,9 +121,11 @@ def search(
         storage=storage,
         direction="maximize",
         load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=base.seed + existing),
+        sampler=optuna.samplers.TPESampler(seed=base.seed + existing, n_startup_trials=STARTUP_TRIALS),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=WARMUP_PASSES),
     )
+    if existing == 0:  # a new study starts from the recipe it tunes: the search can only improve on it
+        study.enqueue_trial(starting_point(base, space), skip_if_exists=True)
     started = time.perf_counter()
 
     def objective(trial: optuna.Trial) -> float:
