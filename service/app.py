@@ -116,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 gc.set_threshold(*thresholds)
                 await services.watcher.stop()
+                services.recommender.close()
         finally:
             await services.store.close()
 

@@ -3,8 +3,9 @@
 Everything comes from the app's `Services` (built once in `create_app()`); nothing reads the environment per
 request. Each getter reads `request.app.state.services` directly, with no sub-dependency, and is `async def`: a
 plain `def` dependency would run in the thread pool, and a sub-dependency is another resolution per request,
-both more than the hot route's own work (docs/performance.md). `require_admin` is the one admin check, attached
-to the admin router rather than pasted into routes.
+both more than the hot route's own work (docs/performance.md). The recommendation and event routes skip even the
+one resolution and call `services_of(request)`. `require_admin` is the one admin check, attached to the admin
+router rather than pasted into routes.
 """
 
 from __future__ import annotations
@@ -48,29 +49,30 @@ class Services:
             raise RequestValidationError(errors, body=None)
 
 
-def _services(request: Request) -> Services:
+def services_of(request: Request) -> Services:
+    """The app's services, for the routes that skip dependency resolution (`service.routes`)."""
     services: Services = request.app.state.services
     return services
 
 
 async def get_services(request: Request) -> Services:
-    return _services(request)
+    return services_of(request)
 
 
 async def get_settings(request: Request) -> Settings:
-    return _services(request).settings
+    return services_of(request).settings
 
 
 async def get_store(request: Request) -> FeatureStore:
-    return _services(request).store
+    return services_of(request).store
 
 
 async def get_watcher(request: Request) -> IndexWatcher:
-    return _services(request).watcher
+    return services_of(request).watcher
 
 
 async def get_metrics(request: Request) -> Metrics:
-    return _services(request).metrics
+    return services_of(request).metrics
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -119,6 +119,12 @@ class ServingPair:
         return self.model.version
 
     @property
+    def search_p50_us(self) -> float | None:
+        """One query's median search time as the index build measured it (None when it was not measured)."""
+        value = self.index_manifest.get("latency", {}).get("p50_us")
+        return float(value) if value is not None else None
+
+    @property
     def user_feature_names(self) -> list[str]:
         return [f.name for f in self.model.model.spec.user_features]
 

@@ -11,7 +11,9 @@ costs less than a thread-pool hop per request would). Work that can grow with th
 state runs in a worker thread so the loop keeps serving: a request with an attribute filter (its exact fallback
 may scan every matching item) goes alone, the batch endpoint's requests go together, and a micro-batch whose
 users leave out many seen items (each one an index lookup and a wider search) is moved there once its store read
-shows it. Either way it is the same `_respond`.
+shows it. Of any other micro-batch only the index search may leave the loop: when the index build measured it
+to cost several thread hops (`OFFLOAD_SEARCH_US`), it runs in a search thread (FAISS releases the GIL) while the
+loop serves on. Either way it is the same `_respond`.
 
 If Redis is unreachable, requests are answered from their own data and marked `degraded` (/readyz and the
 metrics say so too); a request the model cannot take gets its own 422 and never fails its batch-mates.
@@ -19,7 +21,9 @@ metrics say so too); a request the model cannot take gets its own 422 and never 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.concurrency import run_in_threadpool
 
@@ -32,6 +36,11 @@ from service.store import FeatureStore, StoredUser
 
 # A micro-batch whose queries leave out more seen items than this, together, is answered in a worker thread.
 OFFLOAD_SEEN_ITEMS = 256
+# Otherwise only its index search may go to a search thread: when the index build measured one query at a median
+# of this many microseconds per searched row or more, summed over the rows. A hop to the search thread and back
+# costs about 20 µs of CPU (two thread switches), so a search worth several hops moves there; a small index's
+# search stays on the loop.
+OFFLOAD_SEARCH_US = 100.0
 
 
 def merged_query(request: RecommendRequest, stored: StoredUser | None, max_history: int) -> UserQuery:
@@ -80,6 +89,13 @@ class Recommender:
         self.batcher: MicroBatcher[RecommendRequest, bytes] = MicroBatcher(
             self._respond_batched, max_batch=batch_max, max_wait=batch_wait
         )
+        # The micro-batches' searches run in this thread (one batch is in progress at a time); asyncio's executor
+        # hop costs about half of `run_in_threadpool`'s.
+        self._searches = ThreadPoolExecutor(1, thread_name_prefix="twotower-search")
+
+    def close(self) -> None:
+        """Stop the search threads (after the last request)."""
+        self._searches.shutdown(wait=False, cancel_futures=True)
 
     async def recommend(self, request: RecommendRequest) -> bytes:
         """The JSON of one `RecommendResponse`; raises InvalidInputError (located under "body") for input the
@@ -113,7 +129,7 @@ class Recommender:
         if offload or sum(len(q.seen) for q in queries if q.exclude_seen) > OFFLOAD_SEEN_ITEMS:
             results = await run_in_threadpool(self._recommend, queries)
         else:
-            results = self._recommend(queries)
+            results = await self._recommend_on_loop(queries)
         out: list[bytes | InvalidInputError] = []
         for request, result in zip(requests, results, strict=True):
             if isinstance(result, InvalidInputError):
@@ -139,6 +155,18 @@ class Recommender:
         max_history = self.max_history
         queries = [merged_query(r, stored.get(r.user_id) if r.user_id else None, max_history) for r in requests]
         return queries, degraded
+
+    async def _recommend_on_loop(self, queries: Sequence[UserQuery]) -> list[Recommendation | InvalidInputError]:
+        """`_recommend` on the event loop, but for a search worth a thread hop (`OFFLOAD_SEARCH_US`), which runs
+        in a search thread while the loop serves other requests (on another core, where there is one)."""
+        try:
+            batch = self.retriever.prepare(queries)
+        except InvalidInputError:
+            return self._recommend(queries)  # each query alone, so each bad one gets its own error
+        p50 = batch.pair.search_p50_us  # None (not measured): searched here, as a small index would be
+        if batch.rows_to_search and p50 is not None and batch.rows_to_search * p50 >= OFFLOAD_SEARCH_US:
+            await asyncio.get_running_loop().run_in_executor(self._searches, batch.search)
+        return list(batch.recommendations())
 
     def _recommend(self, queries: Sequence[UserQuery]) -> list[Recommendation | InvalidInputError]:
         """The retriever's answers; when some query is invalid, each is run alone to give every bad one its own

@@ -15,6 +15,8 @@ the old pair serving.
    excludes), its attribute-filter mask, and how many candidates it needs so that k survive those;
 4. ONE index search for those rows, as deep as the deepest plan; each row keeps its first k candidates that pass;
    a row whose candidates run out first is answered by exact search over exactly the items that pass its filters.
+`prepare(queries)` does steps 1-3 and returns a `PreparedBatch`, whose `search()` (step 4's search, which holds
+the GIL only to enter and leave FAISS) a caller may run in another thread before it takes the answers.
 Scores are the model's: dot(user, item).
 
 What does not depend on the request is not redone per request. `AnswerCache` (one per pair) keys what was
@@ -158,6 +160,68 @@ class _Plan:
     remember_in: Derived | None  # where to keep the answer (only when exactly the seen items are left out)
 
 
+@dataclass
+class PreparedBatch:
+    """A batch `Retriever.prepare` checked and planned: its rows' vectors, the answers remembered, the plans of the
+    rows still to search. `search()` runs the batch's ONE index search; FAISS holds the GIL only to enter and
+    leave it, so a caller may run it in a worker thread while its event loop serves on. `recommendations()`
+    picks each planned row's answer from what the search found (searching first if that has not run)."""
+
+    pair: ServingPair
+    queries: Sequence[UserQuery]
+    vectors: np.ndarray  # (B, D)
+    answers: list[Answer | None]
+    plans: dict[int, _Plan]
+    _found: tuple[np.ndarray, np.ndarray, int] | None = None  # scores, positions, depth of the search
+
+    @property
+    def rows_to_search(self) -> int:
+        return len(self.plans)
+
+    def search(self) -> None:
+        """ONE index search for the planned rows, as deep as the deepest needs (each search pays the coarse
+        quantizer again, so one deep search beats several shallow ones)."""
+        if not self.plans or self._found is not None:
+            return
+        rows = list(self.plans)
+        fetch = max(plan.fetch for plan in self.plans.values())
+        vectors = self.vectors if len(rows) == len(self.queries) else self.vectors[rows]
+        scores, positions = self.pair.index.search(vectors, fetch)
+        self._found = (scores, positions, fetch)
+
+    def recommendations(self) -> list[Recommendation]:
+        if self._found is None:
+            self.search()
+        pair, answers = self.pair, self.answers
+        if self._found is not None:
+            scores, positions, fetch = self._found
+            for row, i in enumerate(self.plans):
+                plan, k = self.plans[i], self.queries[i].k
+                picked = _pick(pair.index, self.vectors[i], scores[row], positions[row], fetch, k, plan)
+                if plan.remember_in is not None:
+                    AnswerCache.keep_answer(plan.remember_in, k, picked)
+                answers[i] = picked
+        vocab = pair.model.model.vocabs.user_ids
+        out = []
+        for query, answer in zip(self.queries, answers, strict=True):
+            assert answer is not None
+            known = query.user_id is not None and (query.stored or query.user_id in vocab)
+            path: RecommendationPath = (
+                "known_user" if known else "features_only" if query.features or query.history else "cold_start"
+            )
+            out.append(
+                Recommendation(
+                    item_ids=list(answer.item_ids),
+                    scores=answer.scores.tolist(),
+                    path=path,
+                    model_version=pair.model_version,
+                    index_version=pair.index_version,
+                    exact_fallback=answer.exact_fallback,
+                )
+            )
+        return out
+
+
 # --------------------------------------------------------------------------- the retriever
 
 
@@ -241,9 +305,15 @@ class Retriever:
     def recommend(self, queries: Sequence[UserQuery]) -> list[Recommendation]:
         """Top-k for each query (see the module docstring). Raises InvalidInputError located at
         `(query_index, field...)` for input the loaded model cannot take."""
+        return self.prepare(queries).recommendations()
+
+    def prepare(self, queries: Sequence[UserQuery]) -> PreparedBatch:
+        """Steps 1-3 of `recommend` for a batch: checked, vectors and remembered answers found, the other rows
+        planned. What is left is the batch's one search and the answers (`PreparedBatch`). Raises
+        InvalidInputError like `recommend`."""
         pair, cache = self._serving()
         if not queries:
-            return []
+            return PreparedBatch(pair, queries, np.zeros((0, pair.index.dim), np.float32), [], {})
         self._check(pair, queries)
         derived = self._derive(pair, cache, queries)
         answers: list[Answer | None] = []
@@ -256,27 +326,7 @@ class Retriever:
                     plans[i] = self._plan(pair, query, d, plain)
                 except InvalidInputError as e:
                     raise e.at(i) from e
-        if plans:
-            self._search(pair, np.stack([d.vector for d in derived]), queries, plans, answers)
-        vocab = pair.model.model.vocabs.user_ids
-        out = []
-        for query, answer in zip(queries, answers, strict=True):
-            assert answer is not None
-            known = query.user_id is not None and (query.stored or query.user_id in vocab)
-            path: RecommendationPath = (
-                "known_user" if known else "features_only" if query.features or query.history else "cold_start"
-            )
-            out.append(
-                Recommendation(
-                    item_ids=list(answer.item_ids),
-                    scores=answer.scores.tolist(),
-                    path=path,
-                    model_version=pair.model_version,
-                    index_version=pair.index_version,
-                    exact_fallback=answer.exact_fallback,
-                )
-            )
-        return out
+        return PreparedBatch(pair, queries, np.stack([d.vector for d in derived]), answers, plans)
 
     @staticmethod
     def _check(pair: ServingPair, queries: Sequence[UserQuery]) -> None:
@@ -330,26 +380,6 @@ class Retriever:
         factor = 1.0 if mask is None else self.overfetch / allowed_fraction
         fetch = min(math.ceil((query.k + len(excluded)) * factor), n, max(self.max_fetch, query.k))
         return _Plan(excluded, mask, fetch, derived if plain else None)
-
-    @staticmethod
-    def _search(
-        pair: ServingPair,
-        vectors: np.ndarray,
-        queries: Sequence[UserQuery],
-        plans: Mapping[int, _Plan],
-        answers: list[Answer | None],
-    ) -> None:
-        """ONE index search for the planned rows, as deep as the deepest needs (each search pays the coarse
-        quantizer again, so one deep search beats several shallow ones); fills `answers` for those rows."""
-        rows = list(plans)
-        fetch = max(plan.fetch for plan in plans.values())
-        scores, positions = pair.index.search(vectors if len(rows) == len(queries) else vectors[rows], fetch)
-        for row, i in enumerate(rows):
-            plan, k = plans[i], queries[i].k
-            answer = _pick(pair.index, vectors[i], scores[row], positions[row], fetch, k, plan)
-            if plan.remember_in is not None:
-                AnswerCache.keep_answer(plan.remember_in, k, answer)
-            answers[i] = answer
 
     # ---- similar items
 

@@ -1,9 +1,11 @@
 """HTTP routes (API v1, probes, metrics, admin): thin translations between HTTP and the service objects.
 
 Each route parses (pydantic), checks the configured limits, calls ONE service object through its dependency
-alias (`service.deps`) and shapes the response. Recommendations are answered by `service.recommender.Recommender`
-as JSON bytes, the same path for single and batch calls. Errors are raised as `service.errors` types and mapped
-to HTTP in one place (`service.errors.status_for`, installed by `service.app`).
+alias (`service.deps`) and shapes the response. The two routes clients call per request and per event
+(recommendations, events) take the `Request` and read the services off it (`services_of`) instead: resolving a
+dependency is a measurable share of a request's cost (docs/performance.md). Recommendations are answered by
+`service.recommender.Recommender` as JSON bytes, the same path for single and batch calls. Errors are raised as
+`service.errors` types and mapped to HTTP in one place (`service.errors.status_for`, installed by `service.app`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import time
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import AdminDep, MetricsDep, ServicesDep, StoreDep, WatcherDep
+from service.deps import AdminDep, MetricsDep, ServicesDep, StoreDep, WatcherDep, services_of
 from service.json_body import StrictJSONRoute
 from service.schemas import (
     MAX_ID_LENGTH,
@@ -48,8 +50,9 @@ admin = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep], r
     response_model=RecommendResponse,
     responses=error_responses(400, 413, 503),
 )
-async def recommend(body: RecommendRequest, services: ServicesDep) -> Response:
+async def recommend(body: RecommendRequest, request: Request) -> Response:
     """Top-k items for one user (known user, features only, or cold start)."""
+    services = services_of(request)
     services.check_limits(body)
     return Response(await services.recommender.recommend(body), media_type=JSON)
 
@@ -67,9 +70,10 @@ async def recommend_batch(body: BatchRecommendRequest, services: ServicesDep) ->
 
 
 @router.post("/v1/events", tags=["events"], responses=error_responses(400, 413, 503))
-async def record_events(body: EventsRequest, services: ServicesDep) -> EventsAccepted:
+async def record_events(body: EventsRequest, request: Request) -> EventsAccepted:
     """Append interactions to users' histories; the next recommendation reflects them. 503 (nothing written)
     when the store is unreachable: an event is acknowledged only once it is stored."""
+    services = services_of(request)
     services.check_limits(body)
     events = body.as_events()
     accepted = await services.store.record_events([(e.user_id, e.item_id) for e in events])

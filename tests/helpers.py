@@ -192,7 +192,6 @@ def publish_index(
         10,
         model_version=model_version,
         progress=False,
-        measure_speed=False,
     )
     version = new_version(INDEX_VERSION_PREFIX)
     save_index(item_index, store.index_dir(version), report)

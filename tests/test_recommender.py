@@ -4,13 +4,17 @@ one bad request never fails its batch-mates."""
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from service import recommender
 from service.app import create_app
+from service.retriever import PreparedBatch
 from tests.helpers import load_users, make_settings, serving_root
 from training.artifacts import LoadedModel
 
@@ -52,13 +56,31 @@ async def _answers(root: Path, url: str, bodies: list[dict[str, Any]], *, concur
         return [(r.status_code, r.json()) for r in responses], batcher.batches, batcher.items
 
 
-def test_micro_batched_answers_equal_unbatched_ones(trained_model: LoadedModel, served_root: tuple[Path, str]) -> None:
+@pytest.mark.parametrize("search_thread", [False, True])
+def test_micro_batched_answers_equal_unbatched_ones(
+    trained_model: LoadedModel,
+    served_root: tuple[Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    search_thread: bool,
+) -> None:
+    """Also with every batch's search in the search thread, as on a large index."""
     root, url = served_root
     bodies = _bodies(trained_model)
     alone, alone_batches, _ = asyncio.run(_answers(root, url, bodies, concurrent=False, batch_max=1))
+    searched_in: set[str] = set()
+    search = PreparedBatch.search
+
+    def recorded_search(batch: PreparedBatch) -> None:
+        if batch.rows_to_search:
+            searched_in.add(threading.current_thread().name)
+        search(batch)
+
+    monkeypatch.setattr(PreparedBatch, "search", recorded_search)
+    monkeypatch.setattr(recommender, "OFFLOAD_SEARCH_US", 0.0 if search_thread else math.inf)
     together, batches, items = asyncio.run(_answers(root, url, bodies, concurrent=True, batch_max=16))
     assert alone_batches == len(bodies)
     assert items == len(bodies) and batches < len(bodies) / 2, "concurrent requests were not batched"
+    assert searched_in and all(name.startswith("twotower-search") == search_thread for name in searched_in)
     for (status_a, a), (status_b, b) in zip(alone, together, strict=True):
         assert status_a == status_b == 200
         assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]]
