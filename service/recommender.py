@@ -94,7 +94,7 @@ class Recommender:
         self._searches = ThreadPoolExecutor(1, thread_name_prefix="twotower-search")
 
     def close(self) -> None:
-        """Stop the search threads (after the last request)."""
+        """Stop the search thread (after the last request)."""
         self._searches.shutdown(wait=False, cancel_futures=True)
 
     async def recommend(self, request: RecommendRequest) -> bytes:
