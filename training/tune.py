@@ -4,9 +4,10 @@ bounded by trials and by seconds, whose best settings then train the final model
 A trial is `training.train.fit` with a sampled recipe on the fit rows, scored by its best validation NDCG@10 (the
 test rows are never seen); it reports every validation pass, and the pruner stops one that falls below the median
 of earlier trials at the same epoch. A new study's first trial is the recipe being tuned (`starting_point`), so
-what the search picks is never below it on validation. `SEARCH_SPACE` covers what moves quality on the development
-datasets (docs/loss.md): learning rate, history fraction, temperature, dropouts, user features on or off, how a
-tower combines its parts, embedding size and weight decay; epochs are left to early stopping.
+once that trial has finished, what the search picks is never below it on validation. `SEARCH_SPACE` covers what
+moves quality on the development datasets (docs/loss.md): learning rate, history fraction, temperature, dropouts,
+user features on or off, how a tower combines its parts, embedding size and weight decay; epochs are left to
+early stopping.
 
 The study lives in Optuna's own storage, so several processes or machines can share it: a journal file (default
 `<artifacts>/tuning/<study>.journal`; on a shared file system for several machines) or Redis (`redis://...`, e.g.
@@ -47,9 +48,9 @@ SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
     "combine": ("categorical", "sum", "mlp"),
     "dim": ("categorical", 32, 64, 128),
 }
-# Trials before the pruner may stop one and before TPE samples from its model (Optuna's default, 10, would keep a
-# search of a few trials, what a time budget buys on a larger dataset, random throughout), and validation passes a
-# trial always gets.
+# Trials before the pruner may stop one, and before TPE samples from its model: with Optuna's default of 10, a
+# search that a time budget limits to a few trials on a larger dataset would be random throughout. Then the
+# validation passes every trial gets before it may be pruned.
 STARTUP_TRIALS = 5
 WARMUP_PASSES = 2
 
