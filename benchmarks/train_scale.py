@@ -7,9 +7,10 @@ Data: heavy-tailed synthetic tables written once per size by `benchmarks.synthet
 Parquet, integer ids, repeated pairs), kept under --data-dir. For each size, each trainer runs in its own process (so
 peak RSS is its own), on the DESIGN §4 split of the same rows and the same validation users:
 
-- ours: `training.train.fit` with the default recipe (no refit: time to quality is about the fit), its time budget
-  `--seconds`, validating every epoch. `prepare_seconds` is the time before the first step on a first read of the
-  data (parse, encode, cache, split, arrays), `cached_prepare_seconds` the same on a re-run (the encoded cache);
+- ours: `training.train.fit` with the default recipe at the reference's D = 64 (no refit: time to quality is about
+  the fit), its time budget `--seconds`, validating every epoch. `prepare_seconds` is the time before the first
+  step on a first read of the data (parse, encode, cache, split, arrays), `cached_prepare_seconds` the same on a
+  re-run (the encoded cache);
 - reference: what a user could write in an afternoon: user and item id embeddings (D = 64, N(0, 0.01²)), in-batch
   softmax over 4,096 (user, item) pairs with the logQ correction, SparseAdam at 1e-2, validated the same way.
 
@@ -78,7 +79,7 @@ def _split(dataset: Any) -> tuple[Any, Any, Any]:
 def run_ours(data: Path, cache: Path, seconds: float, train: bool = True) -> dict[str, Any]:
     import torch
 
-    from training.config import TrainConfig
+    from training.config import TrainConfig, with_overrides
     from training.data import load_dataset
     from training.train import fit
 
@@ -88,7 +89,11 @@ def run_ours(data: Path, cache: Path, seconds: float, train: bool = True) -> dic
     loaded = time.perf_counter() - started
     rows, _, _ = _split(dataset)
     split = time.perf_counter() - started - loaded
-    config = TrainConfig(max_seconds=seconds, eval_every=1, refit="never", seed=0, epochs=400 if train else 0)
+    # D as the reference's: the same model size on both sides (the default recipe's D is chosen for quality).
+    config = with_overrides(
+        TrainConfig(max_seconds=seconds, eval_every=1, refit="never", seed=0, epochs=400 if train else 0),
+        {"dim": REFERENCE_DIM},
+    )
     result = fit(dataset, rows, config, progress=False)
     stats = result.stats
     epochs = max(int(stats["epochs"]), 1)
@@ -96,6 +101,7 @@ def run_ours(data: Path, cache: Path, seconds: float, train: bool = True) -> dic
         "interactions": len(dataset.interactions),
         "users": int(dataset.interactions.n_users),
         "items": len(dataset.items),
+        "dim": config.tower.dim,
         "load_seconds": loaded,
         "prepare_seconds": loaded + split + stats["prepare_seconds"],
         "epoch_seconds": (result.seconds - stats["prepare_seconds"] - stats["validation_seconds"]) / epochs,
@@ -191,7 +197,7 @@ def processes(data: Path, cache: Path, counts: list[int], epochs: int = 2) -> li
         with tempfile.TemporaryDirectory(prefix="train-scale-") as tmp:
             command = [sys.executable, "-m", "training", "train", "-q", "--data", str(data), "--cache-dir", str(cache)]
             command += ["--artifacts", tmp, "--epochs", str(epochs), "--eval-every", str(epochs), "--refit", "never"]
-            command += ["--nproc", str(n), "--holdout", "0.2"]
+            command += ["--nproc", str(n), "--holdout", "0.2", "--dim", str(REFERENCE_DIM)]
             started = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             if done.returncode != 0:

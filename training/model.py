@@ -28,7 +28,9 @@ from training.features import EncodedItems, EncodedUsers, FeatureDef, FeatureSpe
 class TowerConfig:
     """Shapes of both towers; with the vocabulary sizes it rebuilds the model from a manifest alone."""
 
-    dim: int = field(default=64, metadata={"help": "output embedding size D"})
+    # 128: on the sparse, 17k-item citeulike-a, 64 dimensions cost validation NDCG@10 and 256 add little more for
+    # twice the training time and index size; on MovieLens 100K the three are level (docs/loss.md).
+    dim: int = field(default=128, metadata={"help": "output embedding size D"})
     id_dim: int = field(default=64, metadata={"help": "user/item id and history item embeddings (combine=mlp)"})
     feature_dim: int = field(default=16, metadata={"help": "each categorical feature's embedding (combine=mlp)"})
     hidden: tuple[int, ...] = field(default=(256,), metadata={"help": "MLP widths, comma-separated (combine=mlp)"})

@@ -46,7 +46,7 @@ SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
     "weight_decay": ("float", 1e-6, 1e-2, True),
     "use_user_features": ("categorical", True, False),
     "combine": ("categorical", "sum", "mlp"),
-    "dim": ("categorical", 32, 64, 128),
+    "dim": ("categorical", 32, 64, 128, 256),
 }
 # Trials before the pruner may stop one, and before TPE samples from its model: with Optuna's default of 10, a
 # search that a time budget limits to a few trials on a larger dataset would be random throughout. Then the
