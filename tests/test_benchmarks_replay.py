@@ -15,7 +15,9 @@ ROW_KEYS = {"hit_rate@10", "ndcg@10", "requests", "p50_ms", "p99_ms"}
 
 def test_the_replay_measures_every_row_on_the_same_events(tmp_path: Path) -> None:
     out = tmp_path / "replay.json"
-    args = ["--synthetic-users", "300", "--max-events", "240", "--retrain-every", "0.4", "--train-args", "--epochs 8"]
+    # D = 64: a retrain small enough to publish while these 240 events are still being replayed
+    args = ["--synthetic-users", "300", "--max-events", "240", "--retrain-every", "0.4"]
+    args += ["--train-args", "--epochs 8 --dim 64"]
     args += ["--retrain-args", "--min-gate-events 10"]  # 96 events per retrain: the newest 19 judge it
     result = main([*args, "--out", str(out), "--plot", str(tmp_path / "replay.png")])
     assert json.loads(out.read_text())["rows"].keys() == {"frozen", "live", "retrain", "popularity"}
