@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,10 +30,13 @@ from training.train import VALIDATION_SEED_OFFSET
 log = logging.getLogger("benchmarks.peers")
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0)
-ALS_GRID = {"factors": (32, 64, 128), "regularization": (0.01, 0.1, 1.0), "alpha": (1.0, 2.0, 5.0, 10.0)}
+ALS_GRID = {"factors": (32, 64, 128), "regularization": (0.01, 0.1, 1.0, 10.0), "alpha": (1.0, 2.0, 5.0, 10.0)}
 # How a range is extended past its edge, and how many rounds of that at most.
 ALS_STEPS = {"factors": 2, "regularization": 10, "alpha": 2}
-ALS_EXTENSIONS = 4
+ALS_EXTENSIONS = 6
+# More factors want at least as much regularisation (fewer, at most as much): a new number of factors is tried with
+# each regularisation on that side of the best one, not only with the best, so the two can move together.
+ALS_CAPACITY = ("factors", "regularization")
 VAL_FRACTION = 0.1  # the validation slice, carved from the training rows exactly as the two-tower's fit does it
 
 
@@ -146,6 +150,50 @@ def _truncated(model: Ease, x: sp.csr_matrix, protocol: Protocol, rank: int, see
     return protocol.score(users, item_vectors.astype(np.float32))
 
 
+def extended_grid_search(
+    score: Callable[[dict[str, Any]], float],
+    grid: Mapping[str, tuple[Any, ...]],
+    steps: Mapping[str, float],
+    rounds: int,
+    capacity: tuple[str, str] | None = None,
+) -> tuple[dict[str, Any], float, int]:
+    """The setting with the highest `score` over the product `grid` (ranges ascending), then, for up to `rounds`
+    rounds, each range whose best value lies at its edge extended one step (`steps`: the factor) past it, since a
+    best value at the edge of its range is no optimum. A new value is tried with the other settings at their best;
+    a new value of `capacity[0]` also with each value of `capacity[1]` on the side of its best that the change of
+    capacity wants (see ALS_CAPACITY). Returns (best setting, its score, settings tried)."""
+    scored: dict[tuple[tuple[str, Any], ...], float] = {}
+
+    def score_once(params: dict[str, Any]) -> None:
+        key = tuple(params.items())
+        if key not in scored:
+            scored[key] = score(params)
+
+    def best() -> dict[str, Any]:
+        return dict(max(scored.items(), key=lambda entry: entry[1])[0])
+
+    for values in itertools.product(*grid.values()):
+        score_once(dict(zip(grid, values, strict=True)))
+    ranges = {name: list(choices) for name, choices in grid.items()}
+    for _ in range(rounds):
+        at = best()
+        edges = [name for name in steps if at[name] in (ranges[name][0], ranges[name][-1])]
+        if not edges:
+            break
+        for name in edges:
+            up = at[name] == ranges[name][-1]
+            value = type(at[name])(at[name] * steps[name] if up else at[name] / steps[name])
+            ranges[name] = [*ranges[name], value] if up else [value, *ranges[name]]
+            partners: list[dict[str, Any]] = [{}]
+            if capacity is not None and name == capacity[0]:
+                follower = capacity[1]
+                partners = [{follower: v} for v in ranges[follower] if (v >= at[follower] if up else v <= at[follower])]
+            for partner in partners:
+                score_once({**at, name: value, **partner})
+    found = best()
+    return found, scored[tuple(found.items())], len(scored)
+
+
 def implicit_als(
     train: Interactions, test: Interactions, seed: int, protocol: Protocol
 ) -> tuple[RankingMetrics, dict[str, Any]]:
@@ -160,28 +208,13 @@ def implicit_als(
 
     fit_rows, val_rows = validation_slice(train, seed)
     validation = Protocol(fit_rows, val_rows)
-    grid = [dict(zip(ALS_GRID, values, strict=True)) for values in itertools.product(*ALS_GRID.values())]
     with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, single-threaded BLAS
-        scored: dict[tuple[tuple[str, Any], ...], float] = {
-            tuple(p.items()): fit_score(fit_rows, validation, p).ndcg for p in grid
-        }
-        values = {name: list(choices) for name, choices in ALS_GRID.items()}
-        # A best value at the edge of its range is no optimum: extend that range (one setting at a time, the others
-        # at their best) until the best lies inside it.
-        for _ in range(ALS_EXTENSIONS):
-            best = dict(max(scored.items(), key=lambda entry: entry[1])[0])
-            edges = [(n, step) for n, step in ALS_STEPS.items() if best[n] in (values[n][0], values[n][-1])]
-            if not edges:
-                break
-            for name, step in edges:
-                at_top = best[name] == values[name][-1]
-                value = type(best[name])(best[name] * step if at_top else best[name] / step)
-                values[name] = [*values[name], value] if at_top else [value, *values[name]]
-                candidate = {**best, name: value}
-                scored[tuple(candidate.items())] = fit_score(fit_rows, validation, candidate).ndcg
-        key = max(scored.items(), key=lambda entry: entry[1])[0]
-        best, best_ndcg = dict(key), scored[key]
-        log.info(
-            "ALS seed %d: best validation NDCG@10 %.4f with %s (%d settings tried)", seed, best_ndcg, best, len(scored)
+        best, best_ndcg, tried = extended_grid_search(
+            lambda params: fit_score(fit_rows, validation, params).ndcg,
+            ALS_GRID,
+            ALS_STEPS,
+            ALS_EXTENSIONS,
+            ALS_CAPACITY,
         )
-        return fit_score(train, protocol, best), {**best, "val_ndcg@10": best_ndcg, "tried": len(scored)}
+        log.info("ALS seed %d: best validation NDCG@10 %.4f with %s (%d settings tried)", seed, best_ndcg, best, tried)
+        return fit_score(train, protocol, best), {**best, "val_ndcg@10": best_ndcg, "tried": tried}

@@ -1,13 +1,17 @@
-"""The quality benchmark's closed-form peer (EASE) on planted data: both ways of solving it give the dense solution,
-it ranks like a real recommender, and its rank-r approximation is exact at full rank, or the ceilings it reports
-beside the two-tower mean nothing."""
+"""The quality benchmark's peers on planted data: EASE's two ways of solving it give the dense solution, it ranks
+like a real recommender, and its rank-r approximation is exact at full rank; ALS's grid search follows its best
+setting past the grid's edges, rank and regularisation together. Otherwise the ceilings it reports beside the
+two-tower mean nothing."""
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 import pytest
 
-from benchmarks.peers import Ease, ease, matrix
+from benchmarks.peers import ALS_CAPACITY, ALS_EXTENSIONS, ALS_GRID, ALS_STEPS, Ease, ease, extended_grid_search, matrix
 from training.dataset import Dataset, split_random, synthetic
 from training.evaluate import Protocol
 
@@ -88,3 +92,23 @@ def test_a_merged_run_on_other_seeds_adds_its_runs_to_the_row() -> None:
     [dataset] = merged([dataset], [{"dataset": "a", "rows": [again]}])
     [row] = dataset["rows"]
     assert row["seeds"] == [0, 1, 2] and row["ndcg@10"] == pytest.approx((0.2 + 0.5 + 0.4) / 3)
+
+
+def test_als_search_moves_rank_and_regularisation_together_past_the_grid() -> None:
+    """Planted: up to 512 factors the best regularisation is 0.01, beyond it 1000x more per doubling, and the optimum
+    is 1024 factors at regularisation 10, outside the initial grid in both. One setting at a time, the search stops
+    at 512 (1024 at 0.01 is worse); with each regularisation tried beside a new number of factors it gets there."""
+
+    def score(params: dict[str, Any]) -> float:
+        factors, reg = math.log2(params["factors"]), math.log10(params["regularization"])
+        wanted_reg = -2 + 3 * max(0.0, factors - 9)
+        return (
+            -0.05 * (factors - 10) ** 2 - 0.05 * (reg - wanted_reg) ** 2 - 0.01 * (math.log2(params["alpha"]) - 3) ** 2
+        )
+
+    alone, _, _ = extended_grid_search(score, ALS_GRID, ALS_STEPS, ALS_EXTENSIONS)
+    assert (alone["factors"], alone["regularization"]) == (512, 0.01)
+    found, value, tried = extended_grid_search(score, ALS_GRID, ALS_STEPS, ALS_EXTENSIONS, ALS_CAPACITY)
+    assert found == {"factors": 1024, "regularization": 10.0, "alpha": 10.0}
+    assert value == pytest.approx(score(found))
+    assert tried > math.prod(len(v) for v in ALS_GRID.values())  # the grid itself, and its extensions
