@@ -11,6 +11,7 @@ import pytest
 
 from tests.helpers import TINY_CONFIG
 from training.artifacts import ArtifactStore, load_model
+from training.config import TrainConfig, with_overrides
 from training.dataset import Dataset, split_random
 from training.train import Tuning, fit, train_and_save
 from training.tune import SEARCH_SPACE, search, starting_point, storage_for, study_name
@@ -65,9 +66,14 @@ def test_a_new_study_first_tries_the_recipe_it_tunes(tiny_dataset: Dataset, tmp_
     assert [t.params for t in again.trials].count(first.params) == 1  # a study that has trials is not restarted
 
 
+def test_the_first_trial_of_the_default_recipe_is_that_recipe_exactly() -> None:
+    recipe = TrainConfig()
+    assert with_overrides(recipe, starting_point(recipe)) == recipe
+
+
 def test_the_starting_point_lies_inside_the_space() -> None:
     point = starting_point(replace(BAD, weight_decay=0.0, tower=replace(BAD.tower, dim=48)))
-    assert point["weight_decay"] == SEARCH_SPACE["weight_decay"][1]  # a log range holds no 0
+    assert point["weight_decay"] == 0.0  # offered as it is: the first trial is the recipe, not a near neighbour
     assert point["lr"] == SEARCH_SPACE["lr"][1]  # BAD's 1e-5 is below the range
     assert "dim" not in point  # 48 is not offered: the sampler picks
     assert point["combine"] == BAD.tower.combine and point["history_keep"] == BAD.history_keep

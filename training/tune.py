@@ -43,7 +43,8 @@ SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
     "temperature": ("float", 0.05, 2.0, True),
     "id_dropout": ("float", 0.0, 0.5, False),
     "feature_dropout": ("float", 0.0, 0.5, False),
-    "weight_decay": ("float", 1e-6, 1e-2, True),
+    # decades and 0 (the default: no decay), not a log range, which holds no 0: the first trial is the recipe itself
+    "weight_decay": ("categorical", 0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
     "use_user_features": ("categorical", True, False),
     "combine": ("categorical", "sum", "mlp"),
     "dim": ("categorical", 32, 64, 128, 256),
@@ -56,8 +57,10 @@ WARMUP_PASSES = 2
 
 
 def study_name(dataset: Dataset, base: TrainConfig) -> str:
-    """The study a run joins: the same data and base recipe (seed aside) share one."""
+    """The study a run joins: the same data, base recipe (seed aside) and search space share one (Optuna refuses a
+    parameter whose distribution changed within a study)."""
     description = {
+        "space": SEARCH_SPACE,
         "dataset": dataset.name,
         "interactions": len(dataset.interactions),
         "config": {**dataclasses.asdict(dataclasses.replace(base, seed=0)), "tower": base.tower.to_dict()},
@@ -91,8 +94,8 @@ def suggest(trial: optuna.Trial, space: Mapping[str, tuple[Any, ...]] = SEARCH_S
 
 
 def starting_point(base: TrainConfig, space: Mapping[str, tuple[Any, ...]] = SEARCH_SPACE) -> dict[str, Any]:
-    """`base`'s values of the searched settings, each brought inside its range (a weight decay of 0 becomes the
-    range's 1e-6: a log-scaled range holds no 0); a choice the space does not offer is left for the sampler."""
+    """`base`'s values of the searched settings, each brought inside its range; a choice the space does not offer is
+    left for the sampler."""
     values = values_of(base, space)
     for name, (kind, *spec) in space.items():
         if kind == "float":
