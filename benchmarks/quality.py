@@ -75,8 +75,9 @@ def tuned_two_tower(
                    name=f"{dataset.name}-seed{config.seed}")  # fmt: skip
     found = summary(study, time.perf_counter() - started)
     metrics, details = two_tower(dataset, train, test, tuned_config(config, study))
-    return metrics, {**details, "tuning": {k: found[k] for k in ("trials", "complete", "pruned", "seconds",
-                                                                 "best_value", "best_params")}}  # fmt: skip
+    kept = ("trials", "complete", "pruned", "seconds", "best_value", "best_standard_error", "best_params",
+            "chosen_is_starting_point", "chosen_value", "chosen_params")  # fmt: skip
+    return metrics, {**details, "tuning": {k: found[k] for k in kept}}
 
 
 def run(

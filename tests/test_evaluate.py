@@ -24,6 +24,8 @@ def test_metrics_match_hand_computed_values() -> None:
     assert metrics.precision == pytest.approx((1 / 3 + 1 / 3) / 2)
     assert metrics.recall == pytest.approx((1 / 2 + 1) / 2)
     assert metrics.ndcg == pytest.approx((ndcg_1 + 1.0) / 2)
+    # the sample standard deviation of the two users' NDCG, over the square root of their number
+    assert metrics.ndcg_se == pytest.approx(abs(1.0 - ndcg_1) / math.sqrt(2) / math.sqrt(2))
 
 
 def test_ranking_excludes_seen_items_exactly_like_brute_force() -> None:

@@ -9,6 +9,7 @@ same exact index, exclusion and metric code scores them all, and what is scored 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class RankingMetrics:
     ndcg: float
     users: int
     k: int
+    ndcg_se: float  # standard error of `ndcg`, the mean over users: how far another sample of users could move it
 
     def as_dict(self) -> dict[str, float]:
         k = self.k
@@ -63,7 +65,10 @@ def ranking_metrics(top: np.ndarray, relevant: Sequence[set[int]], k: int = 10) 
     hits = gains.sum(axis=1)
     ideal = np.cumsum(discounts)[np.minimum(sizes, k) - 1]
     ndcg = (gains @ discounts) / ideal
-    return RankingMetrics(float(np.mean(hits / k)), float(np.mean(hits / sizes)), float(np.mean(ndcg)), len(ndcg), k)
+    se = float(np.std(ndcg, ddof=1) / np.sqrt(len(ndcg))) if len(ndcg) > 1 else math.nan
+    return RankingMetrics(
+        float(np.mean(hits / k)), float(np.mean(hits / sizes)), float(np.mean(ndcg)), len(ndcg), k, ndcg_se=se
+    )
 
 
 def rank_top_k(index: ItemIndex, user_vectors: np.ndarray, seen: Sequence[np.ndarray], k: int = 10) -> np.ndarray:

@@ -30,8 +30,9 @@ def plot_curves(curves: list[dict[str, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_trials(history: list[dict[str, object]], path: Path, title: str) -> None:
-    """Each trial's validation NDCG@10 (pruned ones at their last pass, hollow) and the best so far, as a PNG."""
+def plot_trials(history: list[dict[str, object]], path: Path, title: str, chosen: int | None = None) -> None:
+    """Each trial's validation NDCG@10 (pruned ones at their last pass, hollow), the best so far and the `chosen`
+    trial (the one that trained the model), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,6 +52,9 @@ def plot_trials(history: list[dict[str, object]], path: Path, title: str) -> Non
         best = max(best, value) if done else best
         running.append(best if best >= 0 else float("nan"))
     axis.step(numbers, running, where="post", color="tab:red", label="best so far")
+    if chosen in numbers:
+        at = numbers.index(chosen)
+        axis.scatter([chosen], [values[at]], marker="*", s=200, color="tab:orange", zorder=3, label="chosen")
     axis.set_xlabel("trial")
     axis.set_ylabel("validation NDCG@10")
     axis.legend(fontsize=8)

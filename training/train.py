@@ -47,7 +47,7 @@ from training import distributed
 from training.artifacts import ArtifactStore, LoadedModel, save_model, write_json
 from training.config import TrainConfig
 from training.dataset import Dataset, Interactions, split_random, users_table
-from training.evaluate import Protocol, evaluate
+from training.evaluate import Protocol, RankingMetrics, evaluate
 from training.features import EncodedItems, EncodedUsers, build_vocabularies, encode_item_frame, encode_user_frame
 from training.losses import NegativeSampler, bpr_loss, hard_triplet_loss, softmax_loss, triplet_loss
 from training.model import TwoTower, embed_items, embed_users
@@ -581,12 +581,12 @@ def fit(
     config: TrainConfig,
     progress: bool = True,
     checkpoint_dir: Path | None = None,
-    on_validation: Callable[[int, float], None] | None = None,
+    on_validation: Callable[[int, RankingMetrics], None] | None = None,
     warm_from: LoadedModel | None = None,
 ) -> FitResult:
     """Train on `train` minus a validation slice; keep the epoch with the best validation NDCG@10; refit on every
     training row when `config.refit` asks for it. Resumes from `checkpoint_dir` when it holds this run's checkpoint.
-    `on_validation(epoch, ndcg)` hears of every validation pass (a tuner prunes a weak trial by raising from it).
+    `on_validation(epoch, metrics)` hears of every validation pass (a tuner prunes a weak trial by raising from it).
     `warm_from` starts the model (and a refit's) from a previous model's weights for the ids and layers it shares.
     Under torchrun every rank calls it; rank 0 validates and decides, and its result is the one to use."""
     started = time.perf_counter()
@@ -678,7 +678,7 @@ def fit(
             )
             bar.set_postfix(loss=f"{state['curves'][-1]['loss']:.4f}", val_ndcg=f"{val.ndcg:.4f}")
             if on_validation is not None:
-                on_validation(state["epoch"], val.ndcg)
+                on_validation(state["epoch"], val)
             if val.ndcg > state["best_ndcg"]:
                 gained = val.ndcg > state["best_ndcg"] * (1 + config.min_improvement)
                 state["stale"] = 0 if gained else state["stale"] + 1
@@ -839,7 +839,7 @@ def train_and_save(
     searched: dict[str, Any] | None = None
     if tuning is not None:
         config, searched = search_recipe(dataset, train, config, store, tuning)
-        log.info("tuned recipe: %s (validation NDCG@10 %s)", searched["best_params"], searched["best_value"])
+        log.info("tuned recipe: %s (validation NDCG@10 %s)", searched["chosen_params"], searched["chosen_value"])
     key = run_key(dataset, config, holdout, held_out) + (f"-warm-{warm_from.version}" if warm_from is not None else "")
     result = fit(dataset, train, config, progress=progress, checkpoint_dir=store.root / "checkpoints" / key,
                  warm_from=warm_from)  # fmt: skip
@@ -864,7 +864,9 @@ def train_and_save(
     }
     if searched is not None:
         history = searched["history"]
-        extra_files["tuning.png"] = lambda p: plot_trials(history, p, f"{dataset.name} · {searched['study']}")
+        extra_files["tuning.png"] = lambda p: plot_trials(
+            history, p, f"{dataset.name} · {searched['study']}", searched["chosen_trial"]
+        )
         metrics["tuning"] = {k: v for k, v in searched.items() if k != "history"}
     catalog = encode_item_frame(dataset.spec, result.model.vocabs, dataset.items)
     model_dir = save_model(
